@@ -1,0 +1,337 @@
+"""Training-step cost of Fishr vs ERM on this machine, side by side in one process.
+
+    python benchmarks/bench_step.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/bench_step.py --quick    # tiny sizes, for CI smoke runs
+
+Measures (repeats interleaved round-robin, medians reported):
+
+1. Colored MNIST MLP (392 -> 390 -> 390 -> 1, full batch, 2 domains x 25,000 samples):
+   one Adam step of ERM; of Fishr with each per-sample gradient engine; of the naive
+   pattern (BackPACK hooks fired by a whole-network ``backward(create_graph=True)``).
+2. The ERM step next to the time its matrix products need: at the GEMM rate of a square
+   float32 matmul measured in the same run, and timed directly with the step's own shapes.
+3. DomainBed's MNIST_CNN shape (conv 64/128/128/128 + GroupNorm, 2x28x28 input, batch 64):
+   per-sample gradients of all parameters by torch.func and BackPACK vs a Python loop.
+
+Writes ``benchmarks/results/bench_step_<date>_<host>.json`` (or ``--out-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fishr_lite
+from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
+from fishr_lite.objectives import DomainBatch, make_objective
+from fishr_lite.penalty import COLORED_MNIST_CONVENTION, fishr_penalty
+
+TARGETS = {
+    "fishr_closed_form_over_erm_max": 1.10,
+    "fishr_backpack_over_erm_max": 1.25,
+    "erm_over_gemm_time_max": 1.6,
+    "per_sample_speedup_over_loop_min": 20.0,
+}
+L2_WEIGHT = 0.00110794568  # the Colored MNIST script's weight decay term
+PENALTY_WEIGHT = 91257.18613115903
+
+
+class ColoredMnistMLP(nn.Module):
+    def __init__(self, hidden: int = 390) -> None:
+        super().__init__()
+        layers = [nn.Linear(2 * 14 * 14, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)]
+        for layer in layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.featurizer = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU())
+        self.head = layers[2]
+
+
+def mnist_cnn(in_channels: int = 2, classes: int = 2) -> nn.Sequential:
+    """DomainBed's MNIST_CNN featurizer (conv -> ReLU -> GroupNorm, x4) plus a linear head."""
+    blocks, channels = [], [in_channels, 64, 128, 128, 128]
+    for k, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+        blocks += [nn.Conv2d(c_in, c_out, 3, stride=2 if k == 1 else 1, padding=1), nn.ReLU(), nn.GroupNorm(8, c_out)]
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
+
+
+def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]:
+    """One full-batch Adam step: risk + l2 + weight * penalty, loss divided by the weight."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=4.9e-4)
+    params = list(model.parameters())
+
+    def regularized(risk: torch.Tensor) -> torch.Tensor:
+        return risk + L2_WEIGHT * sum(p.pow(2).sum() for p in params)
+
+    if kind == "naive_backpack_whole_network":
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+
+        extend(model.head)
+
+        def step() -> None:
+            sizes = [len(y) for _, y in data]
+            all_logits = model.head(torch.cat([model.featurizer(x) for x, _ in data])).squeeze(-1)
+            logits = torch.split(all_logits, sizes)  # one head call: BackPACK stores one input
+            risk = torch.stack([F.binary_cross_entropy_with_logits(s, y) for s, (_, y) in zip(logits, data)]).mean()
+            with backpack(BatchGrad()):
+                summed_loss(all_logits, torch.cat([y for _, y in data]), "bce").backward(
+                    retain_graph=True, create_graph=True
+                )
+            grads = {n: p.grad_batch for n, p in model.head.named_parameters()}
+            penalty = fishr_penalty(grads, sizes, **COLORED_MNIST_CONVENTION)
+            loss = (regularized(risk) + PENALTY_WEIGHT * penalty) / PENALTY_WEIGHT
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for p in model.head.parameters():
+                del p.grad_batch
+
+        return step
+
+    objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce",
+                               **({} if kind == "erm" else {"engine": kind.removeprefix("fishr_")}))
+    weight = 1.0 if kind == "erm" else PENALTY_WEIGHT
+
+    def step() -> None:
+        batches = []
+        for x, y in data:
+            z = model.featurizer(x)
+            batches.append(DomainBatch(z, model.head(z).squeeze(-1), y))
+        loss = regularized(objective.risks(batches).mean())
+        if kind != "erm":
+            loss = (loss + weight * objective.penalty(batches)) / weight
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def erm_matmul_flops(n_total: int, dims=(392, 390, 390, 1)) -> float:
+    """Forward (2 n in out per layer), weight grads (same), input grads (all but the first layer)."""
+    pairs = list(zip(dims[:-1], dims[1:]))
+    forward = sum(2 * n_total * a * b for a, b in pairs)
+    return 2 * forward + sum(2 * n_total * a * b for a, b in pairs[1:])
+
+
+def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1)) -> Callable[[], None]:
+    """The ERM step's matrix products with their exact shapes, on random data."""
+    pairs = list(zip(dims[:-1], dims[1:]))
+    acts = [torch.randn(n, a) for a, _ in pairs]
+    weights = [torch.randn(b, a) for a, b in pairs]
+    outs = [torch.randn(n, b) for _, b in pairs]
+
+    def run() -> None:
+        for _ in range(domains):
+            for k, (a, w, g) in enumerate(zip(acts, weights, outs)):
+                a @ w.T  # forward
+                g.T @ a  # weight gradient
+                if k > 0:
+                    g @ w  # input gradient
+    return run
+
+
+def make_square_gemm(size: int) -> Callable[[], None]:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return lambda: a @ b
+
+
+def round_robin(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each task ``warmup`` times, then ``repeats`` rounds of one call each, interleaved."""
+    for task in tasks.values():
+        for _ in range(warmup):
+            task()
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, task in tasks.items():
+            start = time.perf_counter()
+            task()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int) -> dict:
+    torch.manual_seed(0)
+    data = [(torch.rand(n_per_domain, 392), torch.randint(0, 2, (n_per_domain,)).float()) for _ in range(2)]
+    base = ColoredMnistMLP()
+    kinds = ["erm", "fishr_closed_form", "fishr_backpack", "fishr_functorch", "naive_backpack_whole_network"]
+    tasks = {kind: make_mlp_step(kind, copy.deepcopy(base), data) for kind in kinds}
+    tasks["gemm_square"] = make_square_gemm(gemm_size)
+    tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2)
+    times = round_robin(tasks, repeats)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    gemm_rate = 2 * gemm_size**3 / medians["gemm_square"]
+    flops = erm_matmul_flops(2 * n_per_domain)
+    return {
+        "n_per_domain": n_per_domain,
+        "domains": 2,
+        "repeats": repeats,
+        "times_s": times,
+        "median_s": medians,
+        "ratio_to_erm": {k: medians[k] / medians["erm"] for k in kinds},
+        "gemm": {
+            "square_size": gemm_size,
+            "rate_gflops": gemm_rate / 1e9,
+            "erm_matmul_gflop": flops / 1e9,
+            "erm_matmul_time_at_rate_s": flops / gemm_rate,
+            "erm_over_gemm_time": medians["erm"] / (flops / gemm_rate),
+            "step_shapes_gemm_time_s": medians["gemm_step_shapes"],
+            "erm_over_step_shapes_gemm_time": medians["erm"] / medians["gemm_step_shapes"],
+        },
+    }
+
+
+def bench_cnn(batch: int, repeats: int) -> dict:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    torch.manual_seed(0)
+    model = mnist_cnn()
+    x, y = torch.randn(batch, 2, 28, 28), torch.randint(0, 2, (batch,))
+    bp_model = copy.deepcopy(model)
+    for module in bp_model.modules():  # BackPACK has no BatchGrad rule for GroupNorm
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            extend(module)
+
+    def functorch() -> None:
+        with torch.no_grad():
+            per_sample_grads(model, x, y, loss="ce", engine="functorch")
+
+    def backpack_batchgrad() -> None:
+        with backpack(BatchGrad()):
+            summed_loss(bp_model(x), y, "ce").backward()
+        for p in bp_model.parameters():
+            p.grad = None
+            if hasattr(p, "grad_batch"):
+                del p.grad_batch
+
+    def loop() -> None:
+        loop_grads(model, x, y, loss="ce", create_graph=False)
+
+    times = round_robin({"functorch": functorch, "backpack": backpack_batchgrad, "loop": loop}, repeats)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "batch": batch,
+        "input_shape": [2, 28, 28],
+        "repeats": repeats,
+        "times_s": times,
+        "median_s": medians,
+        "speedup_over_loop": {k: medians["loop"] / medians[k] for k in ("functorch", "backpack")},
+        "note": "BackPACK has no BatchGrad rule for GroupNorm: its per-sample gradients cover conv and linear parameters only.",
+    }
+
+
+def provenance() -> dict:
+    try:
+        import backpack
+
+        backpack_version = getattr(backpack, "__version__", None)
+        if backpack_version is None:
+            from importlib.metadata import version
+
+            backpack_version = version("backpack-for-pytorch")
+    except Exception:  # pragma: no cover
+        backpack_version = None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "fishr_lite": fishr_lite.__version__,
+        "torch": torch.__version__,
+        "backpack": backpack_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": commit,
+    }
+
+
+def check_targets(mlp: dict, cnn: dict) -> dict:
+    ratios = mlp["ratio_to_erm"]
+    best = max(cnn["speedup_over_loop"].values())
+    return {
+        "fishr_closed_form_over_erm": [ratios["fishr_closed_form"], ratios["fishr_closed_form"] <= TARGETS["fishr_closed_form_over_erm_max"]],
+        "fishr_backpack_over_erm": [ratios["fishr_backpack"], ratios["fishr_backpack"] <= TARGETS["fishr_backpack_over_erm_max"]],
+        "erm_over_gemm_time": [mlp["gemm"]["erm_over_gemm_time"], mlp["gemm"]["erm_over_gemm_time"] <= TARGETS["erm_over_gemm_time_max"]],
+        "per_sample_speedup_over_loop": [best, best >= TARGETS["per_sample_speedup_over_loop_min"]],
+    }
+
+
+def print_table(record: dict) -> None:
+    mlp, cnn = record["mlp"], record["cnn"]
+    print(f"Colored MNIST MLP step, {mlp['domains']} x {mlp['n_per_domain']} samples, median of {mlp['repeats']}:")
+    for kind, ratio in mlp["ratio_to_erm"].items():
+        print(f"  {kind:32s} {mlp['median_s'][kind] * 1e3:9.1f} ms   {ratio:5.2f} x ERM")
+    g = mlp["gemm"]
+    print(f"  GEMM rate {g['rate_gflops']:.1f} GFLOP/s; ERM matmuls {g['erm_matmul_gflop']:.1f} GFLOP -> "
+          f"{g['erm_matmul_time_at_rate_s'] * 1e3:.1f} ms; ERM step = {g['erm_over_gemm_time']:.2f} x that "
+          f"({g['erm_over_step_shapes_gemm_time']:.2f} x the step's own GEMMs, {g['step_shapes_gemm_time_s'] * 1e3:.1f} ms)")
+    print(f"MNIST_CNN per-sample gradients, batch {cnn['batch']}, median of {cnn['repeats']}:")
+    for name, t in cnn["median_s"].items():
+        speed = cnn["speedup_over_loop"].get(name)
+        print(f"  {name:10s} {t * 1e3:9.1f} ms" + (f"   {speed:5.1f} x faster than the loop" if speed else ""))
+    print("Targets:")
+    for name, (value, ok) in record["targets_met"].items():
+        print(f"  {name:32s} {value:7.2f}  {'met' if ok else 'MISSED'}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI smoke run)")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--repeats", type=int, default=None, help="MLP repeats (default 7, quick 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)  # BackPACK / create_graph chatter
+    quick = args.quick
+    mlp = bench_mlp(n_per_domain=500 if quick else 25_000, repeats=args.repeats or (2 if quick else 7),
+                    gemm_size=256 if quick else 2048)
+    cnn = bench_cnn(batch=4 if quick else 64, repeats=1 if quick else 3)
+    record = {"benchmark": "bench_step", "quick": quick, "provenance": provenance(), "targets": TARGETS,
+              "mlp": mlp, "cnn": cnn}
+    record["targets_met"] = check_targets(mlp, cnn)
+    print_table(record)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out_dir / f"bench_step_{stamp}_{record['provenance']['host']}{'_quick' if quick else ''}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

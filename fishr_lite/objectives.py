@@ -1,0 +1,192 @@
+"""Domain-generalization objectives over per-domain batches: ERM, IRM, V-REx, Fishr, IGA, CORAL.
+
+Each objective is a small class with ``risks(domains) -> (E,)`` (mean loss per domain) and
+``penalty(domains) -> scalar``; the training loop combines them, e.g. (Colored MNIST)::
+
+    loss = objective.risks(batches).mean() + l2 * weight_norm + w * objective.penalty(batches)
+
+``convention`` ("colored_mnist" or "domainbed") picks how penalties are scaled where the
+paper's two official codes differ (V-REx, Fishr); see ``fishr_lite.penalty``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fishr_lite.grads import LOSSES, per_sample_grads, summed_loss
+from fishr_lite.penalty import CONVENTIONS, DOMAINBED_EMA, DomainMovingAverage, fishr_penalty
+
+
+@dataclass
+class DomainBatch:
+    """One domain's batch: head input (attached to the graph), head output, targets."""
+
+    features: Tensor  # (n, d)
+    logits: Tensor  # (n,) for binary BCE-with-logits, (n, C) for cross-entropy
+    targets: Tensor  # (n,) float 0/1 for "bce", long class indices for "ce"
+
+
+def mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
+    """R = (1/n) sum_i l(s_i, y_i)."""
+    return summed_loss(logits, targets, loss) / logits.shape[0]
+
+
+class Objective:
+    """Base class: ERM risks and no penalty."""
+
+    name = "erm"
+
+    def __init__(self, head: nn.Module, loss: str = "bce") -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
+        self.head, self.loss = head, loss
+
+    def risks(self, domains: Sequence[DomainBatch]) -> Tensor:
+        """(E,) tensor of R_e = mean loss of domain e."""
+        if len(domains) == 0:
+            raise ValueError("no domains given; pass one DomainBatch per training domain.")
+        return torch.stack([mean_loss(d.logits, d.targets, self.loss) for d in domains])
+
+    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+        return domains[0].logits.new_zeros(())
+
+
+class ERM(Objective):
+    name = "erm"
+
+
+class IRM(Objective):
+    """IRMv1: mean_e (dR_e(w * s)/dw at w = 1)^2, a dummy scale on the logits."""
+
+    name = "irm"
+
+    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+        terms = []
+        for d in domains:
+            scale = torch.ones((), dtype=d.logits.dtype, device=d.logits.device, requires_grad=True)
+            risk = mean_loss(d.logits * scale, d.targets, self.loss)
+            (grad,) = torch.autograd.grad(risk, [scale], create_graph=True)
+            terms.append(grad.pow(2))
+        return torch.stack(terms).mean()
+
+
+class VREx(Objective):
+    """V-REx: variance of the domain risks.
+
+    "domainbed": mean_e (R_e - Rbar)^2. "colored_mnist": sum_{e<e'} (R_e - R_e')^2, which
+    is (R_0 - R_1)^2 for the script's two domains (= E^2 times the variance).
+    """
+
+    name = "vrex"
+
+    def __init__(self, head: nn.Module, loss: str = "bce", convention: str = "colored_mnist") -> None:
+        super().__init__(head, loss)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention={convention!r}; use one of {tuple(CONVENTIONS)}.")
+        self.convention = convention
+
+    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+        risks = self.risks(domains)
+        variance = (risks - risks.mean()).pow(2).mean()
+        return variance * len(domains) ** 2 if self.convention == "colored_mnist" else variance
+
+
+class FishrObjective(Objective):
+    """Fishr: distance between per-domain variances of the head's per-sample gradients.
+
+    Options: ``engine`` (see ``fishr_lite.grads.ENGINES``), ``convention`` (reductions and
+    scaling, see ``fishr_lite.penalty``), ``ema`` (per-domain moving average; defaults to
+    DomainBed's 0.95 under "domainbed", none under "colored_mnist"). Each ``penalty`` call
+    updates the moving average, so call it once per training step.
+    """
+
+    name = "fishr"
+
+    def __init__(
+        self,
+        head: nn.Module,
+        loss: str = "bce",
+        *,
+        engine: str = "closed_form",
+        convention: str = "colored_mnist",
+        ema: Optional[float] = None,
+        centered: bool = True,
+        covariance: str = "diagonal",
+    ) -> None:
+        super().__init__(head, loss)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention={convention!r}; use one of {tuple(CONVENTIONS)}.")
+        if ema is None and convention == "domainbed":
+            ema = DOMAINBED_EMA
+        self.engine = engine
+        self.options = dict(CONVENTIONS[convention], centered=centered, covariance=covariance)
+        self.moving_average = DomainMovingAverage(ema) if ema else None
+
+    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+        grads = [  # per domain: no concatenation of the (n, d) features
+            per_sample_grads(self.head, d.features, d.targets, loss=self.loss, engine=self.engine, logits=d.logits)
+            for d in domains
+        ]
+        return fishr_penalty(grads, moving_average=self.moving_average, **self.options)
+
+
+class IGA(Objective):
+    """IGA (inter-domain gradient alignment) on the head: sum_e ||grad R_e - mean_e' grad R_e'||^2."""
+
+    name = "iga"
+
+    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        grads = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(r, params, create_graph=True)])
+            for r in self.risks(domains)
+        ]
+        stacked = torch.stack(grads)
+        return (stacked - stacked.mean(dim=0, keepdim=True)).pow(2).sum()
+
+
+class CORAL(Objective):
+    """CORAL on features: mean over domain pairs of mean (mu_a - mu_b)^2 + mean (C_a - C_b)^2."""
+
+    name = "coral"
+
+    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+        def moments(z: Tensor) -> tuple[Tensor, Tensor]:
+            centered = z - z.mean(dim=0, keepdim=True)
+            return z.mean(dim=0), centered.T @ centered / (z.shape[0] - 1)
+
+        stats = [moments(d.features) for d in domains]
+        pairs = list(itertools.combinations(stats, 2))
+        if not pairs:
+            return domains[0].features.new_zeros(())
+        terms = [(ma - mb).pow(2).mean() + (ca - cb).pow(2).mean() for (ma, ca), (mb, cb) in pairs]
+        return torch.stack(terms).mean()
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "erm": ERM,
+    "irm": IRM,
+    "vrex": VREx,
+    "fishr": FishrObjective,
+    "fishr-notcentered": lambda head, loss="bce", **kw: FishrObjective(head, loss, centered=False, **kw),
+    "fishr-fullcov": lambda head, loss="bce", **kw: FishrObjective(head, loss, covariance="full", **kw),
+    "iga": IGA,
+    "coral": CORAL,
+}
+
+
+def make_objective(name: str, head: nn.Module, loss: str = "bce", **options) -> Objective:
+    """Build the objective called ``name`` (a key of ``OBJECTIVES``) for ``head``."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; use one of {sorted(OBJECTIVES)}.")
+    try:
+        objective = OBJECTIVES[name](head, loss, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options} for objective {name!r}: {error}.") from error
+    objective.name = name
+    return objective

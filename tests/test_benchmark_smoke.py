@@ -1,0 +1,32 @@
+"""`benchmarks/bench_step.py --quick` runs and writes a complete JSON record (no timing checks)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_step_quick_writes_a_complete_record(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = list(tmp_path.glob("bench_step_*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    for key in ("date", "host", "torch", "backpack", "cpu", "torch_threads", "fishr_lite"):
+        assert record["provenance"][key] not in (None, ""), key
+    kinds = {"erm", "fishr_closed_form", "fishr_backpack", "fishr_functorch", "naive_backpack_whole_network"}
+    assert set(record["mlp"]["ratio_to_erm"]) == kinds
+    assert record["mlp"]["ratio_to_erm"]["erm"] == 1.0
+    for key in ("rate_gflops", "erm_matmul_gflop", "erm_over_gemm_time", "erm_over_step_shapes_gemm_time"):
+        assert record["mlp"]["gemm"][key] > 0, key
+    assert set(record["cnn"]["median_s"]) == {"functorch", "backpack", "loop"}
+    assert set(record["cnn"]["speedup_over_loop"]) == {"functorch", "backpack"}
+    assert set(record["targets_met"]) == {
+        "fishr_closed_form_over_erm", "fishr_backpack_over_erm", "erm_over_gemm_time", "per_sample_speedup_over_loop"
+    }
+    assert "Targets:" in result.stdout

@@ -1,0 +1,143 @@
+"""Per-sample gradient engines against a per-sample autograd loop (float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+from fishr_lite.grads import ENGINES, loop_grads, per_sample_grads
+
+HEAD_ENGINES = ["closed_form", "backpack", "functorch"]
+
+
+class CountBackward(torch.autograd.Function):
+    """Identity whose backward counts how often autograd went through it."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        CountBackward.calls += 1
+        return grad
+
+
+def make_problem(loss: str, n: int = 12, d_in: int = 5, d: int = 4, classes: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    featurizer = nn.Sequential(nn.Linear(d_in, d), nn.Tanh()).double()
+    head = nn.Linear(d, 1 if loss == "bce" else classes).double()
+    x = torch.randn(n, d_in, dtype=torch.float64)
+    y = torch.randint(0, 2, (n,)).double() if loss == "bce" else torch.randint(0, classes, (n,))
+    return featurizer, head, x, y
+
+
+def assert_close_dict(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert actual[name].shape == expected[name].shape, name
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", HEAD_ENGINES)
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_head_engines_match_loop(engine, loss):
+    featurizer, head, x, y = make_problem(loss)
+    features = featurizer(x)
+    expected = loop_grads(head, features, y, loss=loss)
+    grads = per_sample_grads(head, features, y, loss=loss, engine=engine)
+    assert_close_dict(grads, expected)
+    assert all(g.requires_grad for g in grads.values())  # create_graph kept
+
+
+def test_closed_form_uses_given_logits():
+    featurizer, head, x, y = make_problem("bce")
+    features = featurizer(x)
+    logits = head(features).squeeze(-1)
+    grads = per_sample_grads(head, features, y, loss="bce", logits=logits)
+    assert_close_dict(grads, loop_grads(head, features, y, loss="bce"))
+
+
+def test_functorch_whole_mlp_matches_loop():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    grads = per_sample_grads(model, x, y, loss="ce", engine="functorch")
+    assert_close_dict(grads, loop_grads(model, x, y, loss="ce"))
+
+
+def test_functorch_small_convnet_matches_loop():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).double()
+    x, y = torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    grads = per_sample_grads(model, x, y, loss="ce", engine="functorch")
+    assert_close_dict(grads, loop_grads(model, x, y, loss="ce"))
+
+
+@pytest.mark.parametrize("engine", HEAD_ENGINES)
+def test_engine_does_not_backpropagate_through_featurizer(engine):
+    featurizer, head, x, y = make_problem("bce")
+    features = CountBackward.apply(featurizer(x))
+    CountBackward.calls = 0
+    grads = per_sample_grads(head, features, y, loss="bce", engine=engine)
+    assert CountBackward.calls == 0  # the extra pass stopped at the features
+    assert all(p.grad is None for p in list(featurizer.parameters()) + list(head.parameters()))
+    assert not any(hasattr(p, "grad_batch") for p in head.parameters())  # nothing stale
+    # ... while the per-sample gradients still reach the featurizer:
+    penalty = sum(g.pow(2).sum() for g in grads.values())
+    weight_grad = torch.autograd.grad(penalty, featurizer[0].weight)[0]
+    assert CountBackward.calls == 1 and weight_grad.abs().sum() > 0
+
+
+def test_backpack_leaves_user_head_untouched_and_functorch_still_works():
+    featurizer, head, x, y = make_problem("ce")
+    features = featurizer(x)
+    per_sample_grads(head, features, y, loss="ce", engine="backpack")
+    assert not getattr(head, "_backpack_extend", False)
+    assert not head._forward_hooks and not head._backward_hooks
+    grads = per_sample_grads(head, features, y, loss="ce", engine="functorch")
+    assert_close_dict(grads, loop_grads(head, features, y, loss="ce"))
+
+
+def test_backpack_follows_parameter_updates():
+    featurizer, head, x, y = make_problem("bce")
+    features = featurizer(x).detach()
+    per_sample_grads(head, features, y, loss="bce", engine="backpack")
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # in-place update, as an optimizer does
+    grads = per_sample_grads(head, features, y, loss="bce", engine="backpack")
+    assert_close_dict(grads, loop_grads(head, features, y, loss="bce"))
+
+
+def test_registry_lists_the_three_engines():
+    assert set(HEAD_ENGINES) <= set(ENGINES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"engine": "nope"}, "unknown engine"),
+        ({"loss": "mse"}, "unknown loss"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    featurizer, head, x, y = make_problem("bce")
+    with pytest.raises(ValueError, match=match):
+        per_sample_grads(head, featurizer(x), y, **kwargs)
+
+
+def test_closed_form_rejects_non_linear_head():
+    featurizer, head, x, y = make_problem("bce")
+    with pytest.raises(ValueError, match="nn.Linear"):
+        per_sample_grads(nn.Sequential(head), featurizer(x), y, engine="closed_form")
+
+
+def test_mismatched_targets_raise():
+    featurizer, head, x, y = make_problem("bce")
+    with pytest.raises(ValueError, match="targets"):
+        per_sample_grads(head, featurizer(x), y[:-1])
