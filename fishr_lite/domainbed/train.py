@@ -1,0 +1,163 @@
+"""One DomainBed run: train on the training environments, write ``results.jsonl`` and ``done``.
+
+As DomainBed's ``scripts/train.py``: hyperparameters from :func:`.hparams.run_hparams` (then
+overridden by ``args["hparams"]``, a JSON string), everything seeded by ``args["seed"]``, each
+environment split in/out by the trial (:func:`.splits.in_out_splits`), minibatches drawn with
+replacement from each training environment's *in* split, and every ``checkpoint_freq`` steps
+(and at the last step) one JSON line with ``step``, ``epoch`` (step / steps per epoch of the
+smallest in split), the means since the last checkpoint of ``update``'s values (``loss``, ...)
+and of ``step_time``, ``env{i}_in_acc`` and ``env{i}_out_acc`` for every environment,
+``mem_gb`` (peak CUDA memory; 0 on CPU), ``hparams`` and ``args``. Each line is flushed and
+fsynced as it is written; ``done`` is written last. DomainBed's readers and ours read the file.
+
+A run does not resume mid-way (no model checkpoints): started again without ``done``, it
+discards its partial ``results.jsonl`` and starts over.
+
+    python -m fishr_lite.domainbed.train --dataset ColoredMNIST --algorithm Fishr \
+        --test_envs 2 --steps 1000 --output_dir out/run0
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+from .algorithms import get_algorithm_class
+from .datasets import get_dataset
+from .hparams import run_hparams
+from .splits import in_out_splits
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "dataset": "ColoredMNIST", "algorithm": "ERM", "task": "domain_generalization",
+    "hparams": None, "hparams_seed": 0, "trial_seed": 0, "seed": 0, "steps": None,
+    "checkpoint_freq": None, "test_envs": [0], "output_dir": "train_output",
+    "holdout_fraction": 0.2, "uda_holdout_fraction": 0, "skip_model_save": True,
+    "save_model_every_checkpoint": False, "data_dir": None, "max_per_env": None,
+}
+
+
+def _tensors(split: Subset) -> Optional[tuple[torch.Tensor, ...]]:
+    """The split's tensors when it is a subset of a TensorDataset (fast path), else None."""
+    if isinstance(split.dataset, TensorDataset):
+        index = torch.as_tensor(split.indices, dtype=torch.long)
+        return tuple(t[index] for t in split.dataset.tensors)
+    return None
+
+
+def infinite_minibatches(split: Dataset, batch_size: int, generator: torch.Generator,
+                         num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless minibatches drawn uniformly with replacement (DomainBed's InfiniteDataLoader)."""
+    tensors = _tensors(split) if isinstance(split, Subset) else None
+    if tensors is not None:
+        while True:
+            index = torch.randint(len(tensors[0]), (batch_size,), generator=generator)
+            yield tensors[0][index], tensors[1][index]
+    sampler = RandomSampler(split, replacement=True, num_samples=10**9, generator=generator)
+    yield from DataLoader(split, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+
+
+@torch.no_grad()
+def accuracy(algorithm, split: Dataset, device: torch.device, batch_size: int = 1024) -> float:
+    """Fraction of correct predictions: argmax of the logits (sign of a single logit)."""
+    algorithm.eval()
+    tensors = _tensors(split) if isinstance(split, Subset) else None
+    loader = ([(tensors[0][i:i + batch_size], tensors[1][i:i + batch_size])
+               for i in range(0, len(tensors[0]), batch_size)] if tensors is not None
+              else DataLoader(split, batch_size=64))
+    correct = total = 0
+    for x, y in loader:
+        p = algorithm.predict(x.to(device))
+        y = y.to(device)
+        hits = p.gt(0).squeeze(1).long().eq(y) if p.size(1) == 1 else p.argmax(1).eq(y)
+        correct += int(hits.sum())
+        total += len(y)
+    algorithm.train()
+    return correct / total
+
+
+def train(args: dict[str, Any]) -> Path:
+    """Run one training job described by DomainBed-style ``args``; returns its output folder."""
+    args = {**DEFAULT_ARGS, **args}
+    args["test_envs"] = [int(t) for t in args["test_envs"]]
+    out = Path(args["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    if (out / "done").exists():
+        return out
+    results_path.unlink(missing_ok=True)  # a partial run starts over
+
+    hparams = run_hparams(args["algorithm"], args["dataset"], args["hparams_seed"], args["trial_seed"])
+    if args["hparams"]:
+        hparams.update(json.loads(args["hparams"]))
+    random.seed(args["seed"])
+    np.random.seed(args["seed"] % 2**32)
+    torch.manual_seed(args["seed"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    dataset = get_dataset(args["dataset"], data_dir=args["data_dir"], seed=args["seed"],
+                          test_envs=args["test_envs"], hparams=hparams, max_per_env=args["max_per_env"])
+    if any(not 0 <= t < len(dataset) for t in args["test_envs"]):
+        raise ValueError(f"test_envs={args['test_envs']} but {args['dataset']} has environments "
+                         f"0..{len(dataset) - 1}; pick test environments among them.")
+    ins, outs = in_out_splits(dataset.datasets, args["trial_seed"], args["holdout_fraction"])
+    generator = torch.Generator().manual_seed(args["seed"])
+    train_iters = [infinite_minibatches(s, hparams["batch_size"], generator)
+                   for i, s in enumerate(ins) if i not in args["test_envs"]]
+    algorithm = get_algorithm_class(args["algorithm"])(
+        dataset.input_shape, dataset.num_classes, len(dataset) - len(args["test_envs"]), hparams
+    ).to(device)
+
+    steps = args["steps"] or dataset.N_STEPS
+    checkpoint_freq = args["checkpoint_freq"] or dataset.CHECKPOINT_FREQ
+    steps_per_epoch = min(len(s) / hparams["batch_size"] for s in ins)
+    values: dict[str, list[float]] = collections.defaultdict(list)
+    with open(results_path, "a", encoding="utf-8") as f:
+        for step in range(steps):
+            start = time.time()
+            minibatches = [(x.to(device), y.to(device)) for x, y in (next(it) for it in train_iters)]
+            for key, value in algorithm.update(minibatches).items():
+                values[key].append(value)
+            values["step_time"].append(time.time() - start)
+            if step % checkpoint_freq == 0 or step == steps - 1:
+                record: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch}
+                record.update({k: float(np.mean(v)) for k, v in values.items()})
+                for i, (in_, out_) in enumerate(zip(ins, outs)):
+                    record[f"env{i}_in_acc"] = accuracy(algorithm, in_, device)
+                    record[f"env{i}_out_acc"] = accuracy(algorithm, out_, device)
+                record["mem_gb"] = (torch.cuda.max_memory_allocated() / 1024**3
+                                    if torch.cuda.is_available() else 0.0)
+                record.update({"hparams": hparams, "args": args})
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                values = collections.defaultdict(list)
+    if not args["skip_model_save"]:
+        torch.save({"args": args, "model_hparams": hparams, "model_dict": algorithm.state_dict()},
+                   out / "model.pkl")
+    (out / "done").write_text("done")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description="One DomainBed training run (fishr_lite).")
+    for key in ("dataset", "algorithm", "output_dir", "data_dir", "hparams"):
+        parser.add_argument(f"--{key}", type=str, default=DEFAULT_ARGS[key])
+    for key in ("hparams_seed", "trial_seed", "seed", "steps", "checkpoint_freq", "max_per_env"):
+        parser.add_argument(f"--{key}", type=int, default=DEFAULT_ARGS[key])
+    parser.add_argument("--holdout_fraction", type=float, default=0.2)
+    parser.add_argument("--test_envs", type=int, nargs="+", default=[0])
+    return train(vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
