@@ -15,7 +15,7 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 ALGORITHM_COLORS = {
     "erm": PALETTE[7], "irm": PALETTE[1], "vrex": PALETTE[2], "fishr": PALETTE[0],
     "fishr-notcentered": PALETTE[5], "fishr-fullcov": PALETTE[4], "iga": PALETTE[3],
-    "coral": PALETTE[6],
+    "coral": PALETTE[6], "fish": PALETTE[5], "andmask": PALETTE[6],
 }
 DOMAIN_COLORS = PALETTE[:4]
 
