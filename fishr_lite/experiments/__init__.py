@@ -1,0 +1,35 @@
+"""Experiments: full training recipes that combine ``data``, ``objectives`` and ``results``.
+
+Each experiment module (``coloredmnist``, ...) maps the profiles ``quick`` and ``paper`` to its
+settings, trains through :mod:`fishr_lite.objectives`, stores one record per run with
+:class:`fishr_lite.results.ResultsCache`, and is runnable as ``python -m``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+def progress_enabled() -> bool:
+    """Show progress bars unless ``$CI`` is set; only on a terminal or in a Jupyter kernel."""
+    if os.environ.get("CI"):
+        return False
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def progress_bar(iterable: Iterable[T], enabled: bool | None = None, **kwargs) -> Iterable[T]:
+    """``tqdm(iterable)`` when progress is enabled (see :func:`progress_enabled`) and tqdm is
+    installed, else ``iterable`` itself."""
+    if enabled is None:
+        enabled = progress_enabled()
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
