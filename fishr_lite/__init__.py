@@ -1,9 +1,15 @@
 """fishr_lite: Fishr (Rame, Dancette & Cord, ICML 2022) on current PyTorch and BackPACK.
 
-The library is layered, lower layers never import upper ones::
+The library is layered; lower layers never import upper ones::
 
-    grads (per-sample gradients) -> penalty (Fishr) -> objectives (ERM, IRM, V-REx, Fishr)
-    data (MNIST, Colored MNIST) and results (the run cache) are independent leaves.
+    grads (per-sample gradients) -> penalty (Fishr) -> objectives (ERM, IRM, V-REx, Fishr, ...)
+    grads -> diagnostics (gradient moments, Fisher, GGN, Hessian, alignment)
+    data, toy, gradient_agreement, results, profiles, plotting: leaves
+    experiments.coloredmnist, domainbed: experiments built on the layers above
+
+Quick use: ``from fishr_lite import Fishr`` (see the README), ``from fishr_lite import
+diagnostics``, ``python -m fishr_lite.experiments.coloredmnist --help``,
+``python -m fishr_lite.domainbed.report --help``.
 """
 
 __version__ = "0.1.0"
