@@ -2,7 +2,9 @@
 
 - :class:`MNIST_CNN` for 28x28 inputs: four 3x3 convolutions (64, 128 stride 2, 128, 128
   channels), each followed by ReLU and GroupNorm(8 groups), then global average pooling to 128
-  features.
+  features. ``width`` (the first layer's channels, DomainBed's 64) narrows it for CPU-sized
+  runs: channels (w, 2w, 2w, 2w), 2w features; set through the hyperparameter
+  ``mnist_cnn_width`` (absent from the registry, so DomainBed's runs keep 64).
 - :class:`ResNet` for 224x224 inputs: torchvision's ResNet-18 or ResNet-50 (ImageNet weights)
   without its last layer (512 or 2048 features), BatchNorm kept in eval mode (running
   statistics frozen) during training, dropout
@@ -19,20 +21,23 @@ import torch.nn.functional as F
 
 
 class MNIST_CNN(nn.Module):  # noqa: N801 (DomainBed's name)
-    """(n, c, 28, 28) -> (n, 128)."""
+    """(n, c, 28, 28) -> (n, 2 * width); ``width=64`` is DomainBed's network (128 features)."""
 
-    n_outputs = 128
-
-    def __init__(self, input_shape: tuple[int, ...]):
+    def __init__(self, input_shape: tuple[int, ...], width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(input_shape[0], 64, 3, 1, padding=1)
-        self.conv2 = nn.Conv2d(64, 128, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(128, 128, 3, 1, padding=1)
-        self.conv4 = nn.Conv2d(128, 128, 3, 1, padding=1)
-        self.bn0 = nn.GroupNorm(8, 64)
-        self.bn1 = nn.GroupNorm(8, 128)
-        self.bn2 = nn.GroupNorm(8, 128)
-        self.bn3 = nn.GroupNorm(8, 128)
+        if not isinstance(width, int) or width < 8 or width % 8:
+            raise ValueError(f"MNIST_CNN width={width!r}: use a positive multiple of 8 (GroupNorm "
+                             "has 8 groups); DomainBed's network is width=64.")
+        w = width
+        self.n_outputs = 2 * w
+        self.conv1 = nn.Conv2d(input_shape[0], w, 3, 1, padding=1)
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(2 * w, 2 * w, 3, 1, padding=1)
+        self.conv4 = nn.Conv2d(2 * w, 2 * w, 3, 1, padding=1)
+        self.bn0 = nn.GroupNorm(8, w)
+        self.bn1 = nn.GroupNorm(8, 2 * w)
+        self.bn2 = nn.GroupNorm(8, 2 * w)
+        self.bn3 = nn.GroupNorm(8, 2 * w)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +94,10 @@ class ResNet(nn.Module):
 
 
 def Featurizer(input_shape: tuple[int, ...], hparams: dict) -> nn.Module:  # noqa: N802
-    """MNIST_CNN for (c, 28, 28) inputs, ResNet for (c, 224, 224), as DomainBed chooses."""
+    """MNIST_CNN for (c, 28, 28) inputs (``hparams["mnist_cnn_width"]`` channels, default 64),
+    ResNet for (c, 224, 224), as DomainBed chooses."""
     if tuple(input_shape[1:3]) == (28, 28):
-        return MNIST_CNN(input_shape)
+        return MNIST_CNN(input_shape, int(hparams.get("mnist_cnn_width", 64)))
     if tuple(input_shape[1:3]) == (224, 224):
         return ResNet(input_shape, hparams)
     raise ValueError(f"no DomainBed featurizer for input shape {tuple(input_shape)}; use "
