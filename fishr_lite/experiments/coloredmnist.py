@@ -28,27 +28,8 @@ Profiles (``FISHR_PROFILE`` or ``--profile``; 501 steps and the penalty schedule
 - ``paper``: the script's settings: all the data (25,000 images per training environment,
   10,000 per test environment), hidden width 390, 10 restarts.
 - ``quick``: a fifth of each environment (``fraction=0.2``: 5,000 + 5,000 training images)
-  and hidden width 64 instead of 390, 2 restarts. The width is the one change to the model:
-  at width 390 a fifth of the data costs about 0.85 s per step on this project's 2-core CPU
-  (about 7 minutes per run, an hour for the four algorithms and two restarts), and smaller
-  fractions at width 390 memorize the training set, so that no penalty has anything to act
-  on. Measured (1 thread, 501 steps, label flip 0.25, restarts 0 / 1; test accuracy in %;
-  seconds per run on a quiet machine, two to three times more when the CPU is shared):
-
-  =====  ========  =========  =========  =========  =========  ========
-  width  fraction  ERM        IRM        V-REx      Fishr      s / run
-  =====  ========  =========  =========  =========  =========  ========
-  390    0.05      22.6       .          .          30.0       25 - 38
-  128    0.05      24.2       .          .          38.0       8 - 9
-  64     0.1       25.1/22.9  49.4/46.0  49.3/52.5  55.3/59.7  5 - 6
-  64     0.2       17.8/18.1  54.4/60.0  58.5/60.5  63.1/65.3  10 - 11
-  =====  ========  =========  =========  =========  =========  ========
-
-  The chosen row keeps the paper's ordering (ERM << IRM < V-REx < Fishr) and its training
-  accuracies (ERM 88%, the others 66-71%); its eight runs took 85 s on one thread.
-  Paper profile, restart 0, one CPU thread on the same (shared) machine: ERM 903 s (train /
-  test / gray 86.3 / 14.7 / 71.0), Fishr 1292 s (71.8 / 68.5 / 67.3); the paper reports
-  86.4 / 14.0 / 71.0 and 71.0 / 69.5 / 70.2.
+  and hidden width 64 instead of 390, 2 restarts; the script's recipe otherwise. Why, with
+  the measurements behind the choice: ``fishr_lite/experiments/README.md``.
 
 Command line::
 
@@ -67,7 +48,7 @@ import functools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -197,16 +178,40 @@ def total_loss(config: Config, model: nn.Module, train_nll: torch.Tensor,
     return loss / w if w > 1 else loss
 
 
-def train(config: Config | dict, device: torch.device | str | None = None) -> dict[str, Any]:
+def train(
+    config: Config | dict,
+    device: torch.device | str | None = None,
+    callback: Callable[[int, nn.Module, tuple[Environment, ...]], Any] | None = None,
+) -> dict[str, Any]:
     """Train one run of ``config``; return its final metrics and its history.
 
     The history holds, every ``history_every`` steps and at the last one: ``step``,
     ``train_nll``, ``train_acc``, ``test_acc``, ``gray_test_acc``, ``penalty`` (the trained
     algorithm's, before weighting; 0 for ERM) and, for every algorithm, ``fishr_penalty``,
     ``vrex_penalty`` and ``irm_penalty`` in the script's convention.
+
+    ``callback(step, model, environments)``, if given, is called at *every* step with the
+    model of that step before its update and the four environments (train e=0.2, train
+    e=0.1, test, gray); it picks its own steps and returns a list of JSON-able records, or
+    None. The records, in order, are the result's ``"diagnostics"``. It runs in a forked
+    random state, and any ``.grad`` it leaves is cleared, so training is unchanged. To cache
+    such runs, describe the callback in the config dict under the key ``"diagnostics"`` (any
+    JSON; train ignores its value, the :class:`ResultsCache` hashes it, so a run with
+    diagnostics never shares a record with one without); a ``"diagnostics"`` entry without a
+    callback is refused.
     """
     if isinstance(config, dict):
+        config = dict(config)
+        settings = config.pop("diagnostics", None)
+        if settings is not None and callback is None:
+            raise ValueError(
+                f"the config asks for diagnostics {settings!r} but no callback computes them; "
+                "pass train(config, callback=...) or drop the 'diagnostics' key"
+            )
         config = Config(**config)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r} is not callable; pass a function "
+                         "callback(step, model, environments) -> list of records or None")
     device = torch.device(device) if device is not None else default_device()
     train_a, train_b, test, gray = environments(
         config.restart, config.label_flip, config.fraction, str(device)
@@ -218,6 +223,7 @@ def train(config: Config | dict, device: torch.device | str | None = None) -> di
                 for name, options in MONITORED_PENALTIES.items()}
     history: dict[str, list] = {key: [] for key in (
         "step", "train_nll", "train_acc", "test_acc", "gray_test_acc", "penalty", *monitors)}
+    diagnostics: list = []
 
     for step in range(config.steps):
         batches = []
@@ -248,12 +254,19 @@ def train(config: Config | dict, device: torch.device | str | None = None) -> di
             for key, value in row.items():
                 history[key].append(value)
 
+        if callback is not None:
+            with torch.random.fork_rng(devices=[]):
+                diagnostics.extend(callback(step, model, (train_a, train_b, test, gray)) or [])
+
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     final = {key: history[key][-1] for key in history if key != "step"}
-    return {**final, "steps": config.steps, "history": history}
+    result = {**final, "steps": config.steps, "history": history}
+    if callback is not None:
+        result["diagnostics"] = diagnostics
+    return result
 
 
 def make_configs(
@@ -336,9 +349,11 @@ def _pandas():
 
 
 def _config_columns(config: dict) -> dict[str, Any]:
-    """A record's configuration as flat columns (``objective_options`` as canonical JSON)."""
-    flat = {k: v for k, v in config.items() if k != "objective_options"}
-    flat["objective_options"] = json.dumps(config.get("objective_options", {}), sort_keys=True)
+    """A record's configuration as flat columns: dict or list values (``objective_options``,
+    a diagnostics callback's settings) as canonical JSON, so that they can be grouped."""
+    flat = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+            for k, v in config.items()}
+    flat.setdefault("objective_options", json.dumps({}))
     return flat
 
 
