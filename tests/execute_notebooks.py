@@ -7,6 +7,7 @@ prints the time it took. Set ``FISHR_PROFILE=paper`` to refresh a chapter at the
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,5 +26,6 @@ def execute(path: Path, timeout: int = 1800) -> float:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("FISHR_PROGRESS", "0")  # no progress bars in the stored outputs
     for arg in sys.argv[1:]:
         print(f"{arg}: executed in {execute(Path(arg)):.1f} s", flush=True)

@@ -291,3 +291,9 @@ def test_module_entry_point(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_progress_can_be_switched_off(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("FISHR_PROGRESS", "0")
+    assert not progress_enabled()

@@ -15,8 +15,9 @@ T = TypeVar("T")
 
 
 def progress_enabled() -> bool:
-    """Show progress bars unless ``$CI`` is set; only on a terminal or in a Jupyter kernel."""
-    if os.environ.get("CI"):
+    """Show progress bars on a terminal or in a Jupyter kernel, unless ``$CI`` is set or
+    ``$FISHR_PROGRESS`` is ``0`` (as when chapters are executed to store their outputs)."""
+    if os.environ.get("CI") or os.environ.get("FISHR_PROGRESS") == "0":
         return False
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
