@@ -18,8 +18,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fishr_lite.grads import LOSSES, per_sample_grads, summed_loss
-from fishr_lite.penalty import CONVENTIONS, DOMAINBED_EMA, DomainMovingAverage, fishr_penalty
+from fishr_lite.grads import LOSSES, summed_loss
+from fishr_lite.penalty import CONVENTIONS, DomainMovingAverage
+from fishr_lite.penalty import Fishr as FishrPenalty
 
 
 @dataclass
@@ -119,20 +120,21 @@ class FishrObjective(Objective):
         covariance: str = "diagonal",
     ) -> None:
         super().__init__(head, loss)
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention={convention!r}; use one of {tuple(CONVENTIONS)}.")
-        if ema is None and convention == "domainbed":
-            ema = DOMAINBED_EMA
-        self.engine = engine
-        self.options = dict(CONVENTIONS[convention], centered=centered, covariance=covariance)
-        self.moving_average = DomainMovingAverage(ema) if ema else None
+        self.fishr = FishrPenalty(head, loss=loss, engine=engine, convention=convention, ema=ema,
+                                  centered=centered, covariance=covariance)
+
+    @property
+    def options(self) -> dict:
+        """The reductions and scaling of the convention in force (see ``fishr_lite.penalty``)."""
+        return self.fishr.options
+
+    @property
+    def moving_average(self) -> Optional[DomainMovingAverage]:
+        return self.fishr.moving_average
 
     def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
-        grads = [  # per domain: no concatenation of the (n, d) features
-            per_sample_grads(self.head, d.features, d.targets, loss=self.loss, engine=self.engine, logits=d.logits)
-            for d in domains
-        ]
-        return fishr_penalty(grads, moving_average=self.moving_average, **self.options)
+        return self.fishr.penalty([d.features for d in domains], [d.targets for d in domains],
+                                  logits=[d.logits for d in domains])
 
 
 class IGA(Objective):

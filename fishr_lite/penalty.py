@@ -324,7 +324,7 @@ class Fishr:
         self.options = dict(CONVENTIONS[convention], centered=centered, covariance=covariance)
         if ema is None and convention == "domainbed":
             ema = DOMAINBED_EMA
-        self.moving_average = DomainMovingAverage(ema) if ema is not None and ema > 0 else None
+        self.moving_average = DomainMovingAverage(ema) if ema else None  # 0: no average
         self.schedule = schedule or PenaltySchedule(weight=1.0)
         self._switch_hooks: list[Callable[[], None]] = []
 
@@ -333,8 +333,13 @@ class Fishr:
         features: Union[Tensor, Sequence[Tensor]],
         targets: Union[Tensor, Sequence[Tensor]],
         domain_sizes: Optional[Sequence[int]] = None,
+        logits: Optional[Sequence[Tensor]] = None,
     ) -> Tensor:
-        """Penalty for features/targets given per domain (lists) or concatenated + sizes."""
+        """Penalty for features/targets given per domain (lists) or concatenated + sizes.
+
+        ``logits``: optional per-domain ``head(features)`` already computed by the training
+        loop, which the closed-form engine reuses instead of a second forward of the head.
+        """
         if isinstance(features, Tensor):
             if domain_sizes is None:
                 raise ValueError("concatenated features need domain_sizes; or pass one tensor per domain.")
@@ -343,9 +348,10 @@ class Fishr:
         else:
             if isinstance(targets, Tensor) or len(targets) != len(features):
                 raise ValueError("pass one targets tensor per domain, matching the list of features.")
-            grads = [
-                per_sample_grads(self.head, z, y, loss=self.loss, engine=self.engine)
-                for z, y in zip(features, targets)
+            scores = [None] * len(features) if logits is None else list(logits)
+            grads = [  # per domain: no concatenation of the (n, d) features
+                per_sample_grads(self.head, z, y, loss=self.loss, engine=self.engine, logits=s)
+                for z, y, s in zip(features, targets, scores)
             ]
         return fishr_penalty(grads, domain_sizes, moving_average=self.moving_average, **self.options)
 
