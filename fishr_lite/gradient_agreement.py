@@ -1,7 +1,7 @@
 """What Fish and AND-mask look at: agreement between the domains' mean gradients.
 
 Neither method is a penalty added to the risk, so they are not in ``fishr_lite.objectives``;
-this module computes the quantity each one targets, from the domain mean gradients
+this module computes the quantity each one targets, from the domain mean gradients ::
 
     gbar_e = (1/n_e) sum_{i in e} g_i = grad R_e            stacked as an (E, D) matrix
 
@@ -13,7 +13,7 @@ parameters in dict order).
   GIP = (2 / (E (E - 1))) sum_{e < e'} <gbar_e, gbar_e'>, i.e. it rewards domains whose
   gradients point the same way (:func:`gradient_inner_product`).
 - AND-mask (Parascandolo et al., ICLR 2021) keeps coordinate j of the average gradient only
-  when the domains agree on its sign: a_j = |(1/E) sum_e sign(gbar_e,j)| >= tau
+  when the domains agree on its sign: ``a_j = |(1/E) sum_e sign(gbar_e,j)| >= tau``
   (:func:`sign_agreement`, :func:`and_mask`, :func:`and_masked_gradient`).
 """
 
@@ -62,7 +62,7 @@ def gradient_inner_product(mean_grads: Tensor) -> Tensor:
 
 
 def sign_agreement(mean_grads: Tensor) -> Tensor:
-    """(D,) agreement a_j = |(1/E) sum_e sign(gbar_e,j)|: 1 when all domains agree, 0 when split."""
+    """(D,) agreement ``a_j = |(1/E) sum_e sign(gbar_e,j)|``: 1 if all domains agree, 0 if split."""
     _check_mean_gradients(mean_grads, 1)
     return torch.sign(mean_grads).mean(dim=0).abs()
 

@@ -1,7 +1,7 @@
 """Per-sample gradients of a loss with respect to a module's parameters.
 
 Convention (all engines): for samples ``(x_i, y_i)``, ``i = 1..n``, the engine returns, for
-every parameter ``theta`` of ``module``,
+every parameter ``theta`` of ``module``, ::
 
     g_i = d l(module(x_i), y_i) / d theta          shape (n, *theta.shape)
 
@@ -102,6 +102,26 @@ def per_sample_grads(
     return ENGINES[engine](module, inputs, targets, loss, logits)
 
 
+def head_residuals(
+    head: nn.Module, features: Tensor, targets: Tensor, loss: str, logits: Optional[Tensor] = None
+) -> Tensor:
+    """Residuals r_i = dl_i/ds_i ``(n, C)`` of a head's scores s_i (``logits`` if given).
+
+    BCE with logits: r_i = sigmoid(s_i) - y_i; cross-entropy: r_i = softmax(s_i) - onehot(y_i).
+    """
+    scores = head(features) if logits is None else logits.reshape(features.shape[0], -1)
+    if loss == "bce":
+        if targets.numel() != scores.numel():
+            raise ValueError(
+                f"bce targets of shape {tuple(targets.shape)} do not match scores of shape "
+                f"{tuple(scores.shape)}; pass one 0/1 target per logit."
+            )
+        return torch.sigmoid(scores) - targets.reshape(scores.shape).to(scores.dtype)
+    if loss == "ce":
+        return torch.softmax(scores, dim=1) - F.one_hot(targets, scores.shape[1]).to(scores.dtype)
+    raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
+
+
 @register_engine("closed_form")
 def closed_form_grads(
     head: nn.Module, features: Tensor, targets: Tensor, loss: str, logits: Optional[Tensor] = None
@@ -109,7 +129,7 @@ def closed_form_grads(
     """Exact per-sample gradients of an ``nn.Linear`` head, s_i = W z_i + b.
 
     With the residual r_i = dl_i/ds_i, i.e. r_i = sigmoid(s_i) - y_i (BCE with logits) or
-    r_i = softmax(s_i) - onehot(y_i) (cross-entropy):
+    r_i = softmax(s_i) - onehot(y_i) (cross-entropy): ::
 
         dl_i/dW = r_i z_i^T   (n, C, d)        dl_i/db = r_i   (n, C)
     """
@@ -118,12 +138,7 @@ def closed_form_grads(
             f"engine 'closed_form' needs an nn.Linear head, got {type(head).__name__}; "
             "use engine='backpack' or engine='functorch' for other heads."
         )
-    scores = head(features) if logits is None else logits.reshape(features.shape[0], -1)
-    if loss == "bce":
-        labels = targets.reshape(scores.shape).to(scores.dtype)
-        residual = torch.sigmoid(scores) - labels
-    else:
-        residual = torch.softmax(scores, dim=1) - F.one_hot(targets, scores.shape[1]).to(scores.dtype)
+    residual = head_residuals(head, features, targets, loss, logits)
     if residual.shape[1] == 1:  # one output: (n, 1) * (n, d) avoids a size-1 reduction in backward
         grads = {"weight": (residual * features).unsqueeze(1)}
     else:

@@ -1,6 +1,6 @@
 """The Fishr penalty: match the per-domain variances of per-sample gradients.
 
-For domain e with per-sample gradients g_i (i in e, n_e of them, scaled by ``grad_scale``)
+For domain e with per-sample gradients g_i (i in e, n_e of them, scaled by ``grad_scale``) ::
 
     gbar_e = (1/n_e) sum_i g_i
     v_e    = (1/n_e) sum_i (g_i - gbar_e)^2                  (covariance="diagonal")
@@ -18,7 +18,7 @@ The two official conventions, as presets of keyword arguments:
   domains; full covariance divided by n_e * (block size). Gradients are those of the mean
   loss times the batch size, which is what ``fishr_lite.grads`` returns (``grad_scale=1``).
 - ``DOMAINBED_CONVENTION``: means over coordinates and domains; each v_e goes through a
-  per-domain exponential moving average (``DomainMovingAverage(DOMAINBED_EMA)``).
+  per-domain exponential moving average (``DomainMovingAverage(DOMAINBED_EMA)``). ::
 
     fishr_penalty(grads, sizes, **COLORED_MNIST_CONVENTION)
     fishr_penalty(grads, sizes, moving_average=ema, **DOMAINBED_CONVENTION)
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from fishr_lite.grads import per_sample_grads
+from fishr_lite.head_variance import linear_head_variances, row_blocks
 
 Variances = list[dict[str, Tensor]]
 
@@ -84,22 +85,30 @@ def check_domain_sizes(domain_sizes: Sequence[int], n: int) -> list[int]:
 class _SecondMoment(torch.autograd.Function):
     """v = (1/n) sum_i (g_i - gbar)^2 per column of an (n, D) block (gbar = 0 if not centered).
 
-    Hand-written backward, dv -> dg_i = (2/n) (g_i - gbar) dv (the gbar term vanishes because
-    sum_i (g_i - gbar) = 0): one pass over the block instead of autograd's five or so. Its
-    own backward is not differentiable again (the penalty is differentiated once).
+    The deviations are formed in row blocks that stay in cache (no (n, D) temporary), and
+    the hand-written backward, dv -> dg_i = (2/n) (g_i - gbar) dv (the gbar term vanishes
+    because sum_i (g_i - gbar) = 0), is one pass writing the result. Its own backward is not
+    differentiable again (the penalty is differentiated once).
     """
 
     @staticmethod
     def forward(ctx, block: Tensor, centered: bool) -> Tensor:
-        deviation = block - block.mean(dim=0, keepdim=True) if centered else block
-        ctx.save_for_backward(deviation)
-        return torch.linalg.vector_norm(deviation, dim=0).square() / block.shape[0]
+        mean = block.mean(dim=0, keepdim=True) if centered else torch.zeros_like(block[:1])
+        v = block.new_zeros(block.shape[1])
+        for a, b in row_blocks(block.shape[0]):
+            v += (block[a:b] - mean).square_().sum(dim=0)
+        ctx.save_for_backward(block, mean)
+        return v / block.shape[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v: Tensor):
-        (deviation,) = ctx.saved_tensors
-        return deviation * (grad_v * (2.0 / deviation.shape[0])), None
+        block, mean = ctx.saved_tensors
+        scaled = grad_v * (2.0 / block.shape[0])
+        grad = torch.empty_like(block)
+        for a, b in row_blocks(block.shape[0]):
+            torch.sub(block[a:b], mean, out=grad[a:b]).mul_(scaled)
+        return grad, None
 
 
 def _split_domains(
@@ -158,15 +167,19 @@ def domain_variances(
                     block = block - block.mean(dim=0, keepdim=True)
                 divisor = block.shape[0] * (block.shape[1] if full_covariance_divisor != "samples" else 1)
                 v = block.T @ block / divisor
-            # a NaN/Inf in any g_i makes its coordinate of v non-finite: checking v is cheap
-            if not bool(torch.isfinite(v).all()):
-                raise ValueError(
-                    f"per-sample gradients of {name!r} contain NaN or Inf (or overflow); lower the "
-                    "learning rate, check the inputs/targets, or clip the logits."
-                )
-            out[name] = v
+            out[name] = _check_finite(name, v)
         variances.append(out)
     return variances
+
+
+def _check_finite(name: str, v: Tensor) -> Tensor:
+    # a NaN/Inf in any g_i makes its coordinate of v non-finite: checking v is cheap
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(
+            f"per-sample gradients of {name!r} contain NaN or Inf (or overflow); lower the "
+            "learning rate, check the inputs/targets, or clip the logits."
+        )
+    return v
 
 
 def variance_distance(
@@ -326,6 +339,8 @@ class Fishr:
             ema = DOMAINBED_EMA
         self.moving_average = DomainMovingAverage(ema) if ema else None  # 0: no average
         self.schedule = schedule or PenaltySchedule(weight=1.0)
+        # closed form + diagonal + linear head: skip the (n, C, d) per-sample gradients
+        self._fused = engine == "closed_form" and covariance == "diagonal" and isinstance(head, nn.Linear)
         self._switch_hooks: list[Callable[[], None]] = []
 
     def penalty(
@@ -349,6 +364,8 @@ class Fishr:
             if isinstance(targets, Tensor) or len(targets) != len(features):
                 raise ValueError("pass one targets tensor per domain, matching the list of features.")
             scores = [None] * len(features) if logits is None else list(logits)
+            if self._fused:
+                return self._fused_penalty(features, targets, scores, domain_sizes)
             grads = [  # per domain: no concatenation of the (n, d) features
                 per_sample_grads(self.head, z, y, loss=self.loss, engine=self.engine, logits=s)
                 for z, y, s in zip(features, targets, scores)
@@ -356,6 +373,21 @@ class Fishr:
         return fishr_penalty(grads, domain_sizes, moving_average=self.moving_average, **self.options)
 
     __call__ = penalty
+
+    def _fused_penalty(self, features, targets, scores, domain_sizes) -> Tensor:
+        """The closed-form path: variances straight from residuals and features."""
+        sizes = check_domain_sizes([len(z) for z in features], sum(len(z) for z in features))
+        if domain_sizes is not None and [int(s) for s in domain_sizes] != sizes:
+            raise ValueError(f"domain_sizes {list(domain_sizes)} differ from the per-domain row counts {sizes}.")
+        scale, centered = self.options["grad_scale"] ** 2, self.options["centered"]
+        variances = []
+        for z, y, s in zip(features, targets, scores):
+            v = linear_head_variances(self.head, z, y, self.loss, centered=centered, logits=s)
+            variances.append({k: _check_finite(k, x * scale if scale != 1.0 else x) for k, x in v.items()})
+        if self.moving_average is not None:
+            variances = self.moving_average.update(variances)
+        return variance_distance(variances, coordinate_reduction=self.options["coordinate_reduction"],
+                                 domain_reduction=self.options["domain_reduction"])
 
     def weight(self, step: int) -> float:
         return self.schedule(step)

@@ -1,6 +1,6 @@
 """A two-feature Gaussian problem with one invariant and one spurious feature (book chapters 1, 4).
 
-Each domain e draws n samples independently:
+Each domain e draws n samples independently: ::
 
     y ~ Bernoulli(1/2),   s = 2y - 1 in {-1, +1}
     x_inv = mu      * s + sigma * eps_1          (the same in every domain)

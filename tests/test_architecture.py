@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fishr_lite"
 # module (or subpackage) -> the fishr_lite modules it may import (besides itself)
 ALLOWED = {
     "grads": set(),
-    "penalty": {"grads"},
+    "head_variance": {"grads"},
+    "penalty": {"grads", "head_variance"},
     "objectives": {"grads", "penalty"},
     "diagnostics": {"grads", "penalty"},
     "data": set(),

@@ -1,14 +1,14 @@
 """How aligned are the domains' curvatures? Distances, similarities, and the inconsistency score.
 
 Curvatures are per-domain tensors: (D, D) matrices or (D,) diagonals (as returned by
-``fishr_lite.diagnostics.curvature`` / ``moments``). For two of them A, B:
+``fishr_lite.diagnostics.curvature`` / ``moments``). For two of them A, B: ::
 
     relative Frobenius distance  2 ||A - B||_F / (||A||_F + ||B||_F)      in [0, 2], symmetric
     cosine similarity            <a, b> / (||a|| ||b||), a, b the diagonals (or flattened)
     trace ratio                  tr(A) / tr(B)
 
 The paper's inconsistency score (Rame et al., 2022, Sec. 3 and App. C) around a stationary
-theta*, with the second-order expansion R_e(theta* + theta) ~ R_e + 1/2 theta^T H_e theta:
+theta*, with the second-order expansion R_e(theta* + theta) ~ R_e + 1/2 theta^T H_e theta: ::
 
     I^eps = max_{A != B} [ R_B - R_A + max_{1/2 theta^T H_A theta <= eps} 1/2 theta^T H_B theta ]
           = max_{A != B} [ R_B - R_A + eps * max(lambda_max(H_A^{-1} H_B), 0) ]

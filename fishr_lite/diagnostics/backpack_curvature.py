@@ -1,4 +1,4 @@
-"""Curvature diagonals of the whole network from BackPACK's second-order extensions.
+"""Curvature diagonals of the whole network from BackPACK's second-order extensions. ::
 
     "hessian"  DiagHessian    diag(H_e)                       exact
     "ggn"      DiagGGNExact   diag(G_e) = diag(F_e)           exact (BCE, CE: GGN = Fisher)

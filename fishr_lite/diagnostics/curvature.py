@@ -1,7 +1,7 @@
 """Per-domain curvature of the mean loss R_e: empirical Fisher, true Fisher, GGN, Hessian.
 
 With per-sample gradients g_i, logits s_i = f_theta(x_i) (C of them), Jacobians
-J_i = ds_i/dtheta (C x D) and residuals r_i = dl_i/ds_i, for one domain of n samples:
+J_i = ds_i/dtheta (C x D) and residuals r_i = dl_i/ds_i, for one domain of n samples: ::
 
     empirical Fisher   F_emp = (1/n) sum_i g_i g_i^T                 (g_i = J_i^T r_i)
     true Fisher        F     = (1/n) sum_i E_{y ~ p_theta(y|x_i)}[g_i(y) g_i(y)^T]

@@ -11,7 +11,7 @@ one parameter set, ``params``:
 
 The flat vector concatenates the trainable parameters in ``named_parameters()`` order, each
 flattened row-major; :func:`parameter_names` labels its coordinates. The per-sample loss is
-``fishr_lite.grads.summed_loss`` on one sample, and the domain risk is their mean,
+``fishr_lite.grads.summed_loss`` on one sample, and the domain risk is their mean, ::
 
     R_e(theta) = (1/n_e) sum_i l(f_theta(x_i), y_i),
 

@@ -1,6 +1,6 @@
 """Hessian-vector products for the whole network: Hutchinson's diagonal and trace, top eigenvalues.
 
-Nothing here forms the D x D Hessian H = d^2 R_e / dtheta^2; each product
+Nothing here forms the D x D Hessian H = d^2 R_e / dtheta^2; each product ::
 
     H v = d/dtheta (grad R_e(theta) . v)           (double backward, graph of grad R_e reused)
 
@@ -9,7 +9,7 @@ default here). Estimators are seeded (``seed``) and deterministic.
 
 - Hutchinson:  diag(H) ~ (1/K) sum_k v_k * (H v_k),   tr(H) ~ (1/K) sum_k v_k^T H v_k,
   v_k with i.i.d. Rademacher (+-1) entries: unbiased, since E[v v^T] = I.
-- Power iteration: v <- H v / ||H v||, converges to the eigenvalue of largest |lambda|.
+- Power iteration: v <- H v / ||H v||, converges to the eigenvalue of largest ``|lambda|``.
 - Lanczos (full reorthogonalization): m steps build a tridiagonal T = Q^T H Q whose largest
   eigenvalues (Ritz values) approach H's largest (algebraic) ones; exact when m = D.
 """

@@ -1,7 +1,7 @@
 """Per-domain moments of per-sample gradients: mean, covariance (diagonal or full), Fishr's v_e.
 
 For domain e with per-sample gradients g_i = d l(f_theta(x_i), y_i) / d theta (``fishr_lite.grads``
-convention: gradient of the per-sample loss), i = 1..n_e:
+convention: gradient of the per-sample loss), i = 1..n_e: ::
 
     gbar_e = (1/n_e) sum_i g_i                                   (= grad R_e)
     C_e    = (1/n_e) sum_i (g_i - gbar_e)(g_i - gbar_e)^T        (full, D x D)
@@ -76,7 +76,7 @@ class GradientMoments:
 
     @property
     def second_moment(self) -> Tensor:
-        """Uncentered: diag or full empirical Fisher, C + gbar gbar^T (v + gbar^2 for the diagonal)."""
+        """Uncentered moment (diag or full empirical Fisher), C + gbar gbar^T (v + gbar^2 if diag)."""
         if self.covariance is None:
             return self.variance + self.mean.square()
         return self.covariance + torch.outer(self.mean, self.mean)

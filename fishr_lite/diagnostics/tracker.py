@@ -1,4 +1,4 @@
-"""Track the diagnostics during training: tidy records (step, domain, quantity, value).
+"""Track the diagnostics during training: tidy records (step, domain, quantity, value). ::
 
     tracker = CurvatureTracker(featurizer, head, [(x0, y0), (x1, y1)], names=["e=0.2", "e=0.1"], every=50)
     for step in range(steps):

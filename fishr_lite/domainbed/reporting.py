@@ -207,7 +207,7 @@ class SweepReport:
 def build_report(sweep: SweepRecords | str | os.PathLike,
                  methods: Sequence[type[SelectionMethod]] = tuple(SELECTION_METHODS),
                  error: str = "se", **load_options: Any) -> SweepReport:
-    """Tables of a sweep (its records, or its folder read with :func:`load_records`)."""
+    """Tables of a sweep (its records, or its folder read with :func:`.load_records`)."""
     if not isinstance(sweep, SweepRecords):
         sweep = load_records(sweep, **load_options)
     mean_and_error([], error)  # validates ``error``

@@ -8,7 +8,7 @@ Test environments: every single environment and, unless ``single_test_envs``, ev
 process one after the other (``launcher="sequential"``) or through submitit
 (``launcher="submitit"``): its local executor on one machine, Slurm on a cluster (pass
 ``cluster="slurm"`` and Slurm options such as ``slurm_partition``, ``gpus_per_node``,
-``timeout_min``).
+``timeout_min``). ::
 
     jobs = make_jobs("sweep_out", datasets=["ColoredMNIST"], algorithms=["ERM", "Fishr"],
                      n_hparams=5, n_trials=3, steps=1000)

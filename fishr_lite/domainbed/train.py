@@ -11,7 +11,7 @@ and of ``step_time``, ``env{i}_in_acc`` and ``env{i}_out_acc`` for every environ
 fsynced as it is written; ``done`` is written last. DomainBed's readers and ours read the file.
 
 A run does not resume mid-way (no model checkpoints): started again without ``done``, it
-discards its partial ``results.jsonl`` and starts over.
+discards its partial ``results.jsonl`` and starts over. ::
 
     python -m fishr_lite.domainbed.train --dataset ColoredMNIST --algorithm Fishr \
         --test_envs 2 --steps 1000 --output_dir out/run0

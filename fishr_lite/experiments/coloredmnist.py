@@ -196,7 +196,7 @@ def train(
     None. The records, in order, are the result's ``"diagnostics"``. It runs in a forked
     random state, and any ``.grad`` it leaves is cleared, so training is unchanged. To cache
     such runs, describe the callback in the config dict under the key ``"diagnostics"`` (any
-    JSON; train ignores its value, the :class:`ResultsCache` hashes it, so a run with
+    JSON; train ignores its value, the :class:`.ResultsCache` hashes it, so a run with
     diagnostics never shares a record with one without); a ``"diagnostics"`` entry without a
     callback is refused.
     """
@@ -299,7 +299,7 @@ def make_configs(
 
 
 def as_cache(cache: ResultsCache | str | None) -> ResultsCache:
-    """A :class:`ResultsCache` for this experiment from a cache, a root folder or None."""
+    """A :class:`.ResultsCache` for this experiment from a cache, a root folder or None."""
     if isinstance(cache, ResultsCache):
         if cache.experiment != EXPERIMENT:
             raise ValueError(
@@ -323,7 +323,7 @@ def run(
 ) -> list[dict]:
     """Run (or read back) every (algorithm, restart) of a sweep; returns their records.
 
-    ``cache`` is a :class:`ResultsCache`, a root folder, or None for the default root
+    ``cache`` is a :class:`.ResultsCache`, a root folder, or None for the default root
     (``$FISHR_RESULTS_DIR`` or the repository's ``data/results``). Records already stored are
     returned without training, so an interrupted sweep resumes where it stopped.
     """
