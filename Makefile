@@ -6,10 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test unit notebooks book-strict bench clean help execute
+.PHONY: book test unit notebooks book-strict site-check colab-path bench clean help execute
 help:
 	@echo "make book   - build the HTML book into _build/html (stored outputs, no re-execution)"
-	@echo "make test   - unit tests, nbval over every chapter (quick profile), strict book build"
+	@echo "make test   - unit tests, nbval over every chapter (quick profile), strict book build,"
+	@echo "              site check in headless chromium, Colab-path test"
+	@echo "make site-check - strict build, then every page rendered in Debian's chromium: images,"
+	@echo "              internal links and math checked, screenshots in _build/screenshots"
+	@echo "make colab-path - a chapter's setup cell run as on Colab, in a fresh virtual environment"
 	@echo "make bench  - training-step and per-sample-gradient benchmarks (benchmarks/results/)"
 	@echo "make clean  - remove _build (keeps .venv)"
 
@@ -38,7 +42,18 @@ notebooks: $(STAMP)
 book-strict: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
-test: unit notebooks book-strict
+# MathJax 3 from npm stands in for the CDN copy the site loads, so the check runs offline.
+MATHJAX := .cache/site-check/node_modules/mathjax/es5/tex-mml-chtml.js
+$(MATHJAX):
+	npm install --prefix .cache/site-check --no-audit --no-fund --silent mathjax@3.2.2
+
+site-check: book-strict $(MATHJAX)
+	$(BIN)/python tests/check_site.py _build/html
+
+colab-path: $(STAMP)
+	$(BIN)/python tests/check_colab_path.py
+
+test: unit notebooks book-strict site-check colab-path
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
