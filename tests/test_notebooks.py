@@ -1,5 +1,6 @@
 """Notebook hygiene: every chapter has outputs and no errors, a Colab badge pointing at itself,
-the python3 kernel, the setup cell, and a place in _toc.yml."""
+the python3 kernel, the setup cell (the same in every chapter, pinned to the release), a
+takeaways box, exercises with hidden solutions, and a place in _toc.yml."""
 
 import json
 import re
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import fishr_lite
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "book").glob("*.ipynb"))
@@ -46,6 +49,8 @@ def test_chapter_hygiene(path):
         f"{name}: the first cell needs a Colab badge pointing at this notebook")
     assert "Learning objectives" in first and "Run time" in first
     assert "google.colab" in "".join(cells[1]["source"]), f"{name}: second cell is the setup cell"
+    assert any(c["cell_type"] == "markdown" and "{admonition} Takeaways" in "".join(c["source"])
+               for c in cells), f"{name}: needs a takeaways box (```{{admonition}} Takeaways)"
     code = [c for c in cells if c["cell_type"] == "code"]
     assert any(c.get("outputs") for c in code), f"{name}: no stored outputs"
     assert all(c.get("execution_count") for c in code if "".join(c["source"]).strip()), (
@@ -58,3 +63,15 @@ def test_chapter_hygiene(path):
     assert str(path.relative_to(ROOT).with_suffix("")) in toc_files(), f"{name} is not in _toc.yml"
     solutions = [c for c in code if "hide-cell" in c["metadata"].get("tags", [])]
     assert len(solutions) >= 3, f"{name}: needs at least three exercises with hidden solutions"
+
+
+def test_setup_cell_is_pinned_and_shared():
+    """One setup cell for every chapter, cloning the release ``v<fishr_lite.__version__>``."""
+    setups = {path.name: "".join(json.loads(path.read_text())["cells"][1]["source"])
+              for path in CHAPTERS}
+    reference = setups[CHAPTERS[0].name]
+    pin = f'os.environ.get("FISHR_REF", "v{fishr_lite.__version__}")'
+    assert pin in reference, f"the setup cell must pin the release: {pin}"
+    differ = [name for name, text in setups.items() if text != reference]
+    assert not differ, (f"setup cell differs from {CHAPTERS[0].name}'s in {differ}; "
+                        "make them identical (one script rewrites them all)")
