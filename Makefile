@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test unit notebooks book-strict site-check colab-path bench clean help execute
+.PHONY: book test unit notebooks book-strict site-check colab-path pdf bench clean help execute
 help:
 	@echo "make book   - build the HTML book into _build/html (stored outputs, no re-execution)"
 	@echo "make test   - unit tests, nbval over every chapter (quick profile), strict book build,"
@@ -14,6 +14,7 @@ help:
 	@echo "make site-check - strict build, then every page rendered in Debian's chromium: images,"
 	@echo "              internal links and math checked, screenshots in _build/screenshots"
 	@echo "make colab-path - a chapter's setup cell run as on Colab, in a fresh virtual environment"
+	@echo "make pdf    - the book as one PDF, _build/latex/fishr-book.pdf (needs TeX Live with xelatex)"
 	@echo "make bench  - training-step and per-sample-gradient benchmarks (benchmarks/results/)"
 	@echo "make clean  - remove _build (keeps .venv)"
 
@@ -54,6 +55,9 @@ colab-path: $(STAMP)
 	$(BIN)/python tests/check_colab_path.py
 
 test: unit notebooks book-strict site-check colab-path
+
+pdf: $(STAMP)
+	$(BIN)/jupyter-book build . --builder pdflatex
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py

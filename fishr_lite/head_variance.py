@@ -2,20 +2,21 @@
 
 For an ``nn.Linear`` head s_i = W z_i + b and residuals r_i = dl_i/ds_i (see
 ``fishr_lite.grads.head_residuals``), the per-sample gradients are g_i^W = r_i z_i^T and
-g_i^b = r_i. Their per-coordinate variances over the n samples of a domain are therefore
-matrix products of the (n, C) residuals and the (n, d) features:
+g_i^b = r_i, so their per-coordinate variances over the n samples of a domain need only the
+(n, C) residuals and the (n, d) features: ::
 
     m   = r^T z / n                                      (C, d), the mean gradient
     v^W = (1/n) sum_i (r_i z_i^T - m)^2                  (C, d)
     v^b = (1/n) sum_i (r_i - mean_j r_j)^2               (C,)
 
-(``centered=False`` sets m and mean_j r_j to 0), with a hand-written backward (below).
+(``centered=False`` sets m and mean_j r_j to 0), with a hand-written backward.
 
 This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.penalty.Fishr`: the
 (n, C, d) per-sample gradients of ``closed_form_grads`` are never materialized, and the
-features are read in row blocks that fit in cache, so the penalty costs four passes over the
-features (two forward, two backward) instead of a dozen, and allocates one (n, d) tensor. The result equals ``domain_variances(closed_form_grads(...))``
-(tested in float64, values and gradients).
+features are read in row blocks that fit in cache, so the penalty costs four passes over
+the features (two forward, two backward) instead of a dozen, and allocates one (n, d)
+tensor. The result equals ``domain_variances(closed_form_grads(...))`` (tested in float64,
+values and gradients).
 """
 
 from __future__ import annotations

@@ -56,7 +56,14 @@ MATH_RESULT_JS = r"""() => {
   const unrendered = math.filter(e => !e.querySelector('mjx-container') && e.tagName !== 'MJX-CONTAINER')
     .map(e => e.textContent.trim().slice(0, 60));
   const errors = [...document.querySelectorAll('mjx-merror')].map(e => e.textContent.trim().slice(0, 60));
-  return {rendered: document.querySelectorAll('mjx-container').length, unrendered, errors};
+  // display equations wider than the text column are cut off (or need a scroll bar)
+  const wide = [...document.querySelectorAll('mjx-container[display="true"]')].filter(c => {
+    const m = c.querySelector('mjx-math'), column = c.closest('article') || document.body;
+    if (!m) return false;
+    const box = m.getBoundingClientRect(), edge = column.getBoundingClientRect();
+    return box.right > edge.right + 1 || box.left < edge.left - 1;
+  }).map(c => (c.querySelector('mjx-assistive-mml') || c).textContent.trim().slice(0, 60));
+  return {rendered: document.querySelectorAll('mjx-container').length, unrendered, errors, wide};
 }"""
 # TeX shown as text: delimiters, a $ next to TeX, or a TeX command, outside code and math.
 RAW_TEX_JS = r"""() => {
@@ -258,6 +265,9 @@ def check_math(page, report: PageReport, failed: list[str], timeout_s: float) ->
         report.problems.append(f"math not rendered: {text!r}")
     for text in result["errors"][:5]:
         report.problems.append(f"TeX error: {text!r}")
+    for text in result["wide"][:5]:
+        report.problems.append(f"display math wider than the text column (cut off): {text!r}; "
+                               "break it over lines (aligned) or shorten it")
 
 
 def check_site(site: Path, shots: Path, mathjax: Path | None, math_timeout_s: float = 20.0,

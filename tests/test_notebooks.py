@@ -2,6 +2,7 @@
 the python3 kernel, the setup cell (the same in every chapter, pinned to the release), a
 takeaways box, exercises with hidden solutions, and a place in _toc.yml."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -72,6 +73,10 @@ def test_setup_cell_is_pinned_and_shared():
     reference = setups[CHAPTERS[0].name]
     pin = f'os.environ.get("FISHR_REF", "v{fishr_lite.__version__}")'
     assert pin in reference, f"the setup cell must pin the release: {pin}"
-    differ = [name for name, text in setups.items() if text != reference]
-    assert not differ, (f"setup cell differs from {CHAPTERS[0].name}'s in {differ}; "
-                        "make them identical (one script rewrites them all)")
+    spec = importlib.util.spec_from_file_location("update_setup_cells", ROOT / "tests" / "update_setup_cells.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    expected = script.SETUP_CELL.format(ref=f"v{fishr_lite.__version__}")
+    differ = [name for name, text in setups.items() if text != expected]
+    assert not differ, (f"the setup cell of {differ} is not the current one; run "
+                        "`python tests/update_setup_cells.py` to rewrite them all")
