@@ -49,6 +49,16 @@ def register_engine(name: str) -> Callable[[GradEngine], GradEngine]:
     return decorator
 
 
+def bce_targets(targets: Tensor, logits: Tensor) -> Tensor:
+    """0/1 ``targets`` reshaped to the logits' shape and dtype (one target per logit)."""
+    if targets.numel() != logits.numel():
+        raise ValueError(
+            f"bce targets of shape {tuple(targets.shape)} do not match logits of shape "
+            f"{tuple(logits.shape)}; pass one 0/1 target per logit."
+        )
+    return targets.reshape(logits.shape).to(logits.dtype)
+
+
 def summed_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
     """Sum over samples (and outputs) of the per-sample loss.
 
@@ -57,14 +67,7 @@ def summed_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
     ``"ce"``: l_i = logsumexp(s_i) - s_{i, y_i} (cross-entropy), targets long class indices.
     """
     if loss == "bce":
-        if targets.shape != logits.shape:
-            if targets.numel() != logits.numel():
-                raise ValueError(
-                    f"bce targets of shape {tuple(targets.shape)} do not match logits of shape "
-                    f"{tuple(logits.shape)}; pass one 0/1 target per logit."
-                )
-            targets = targets.reshape(logits.shape)
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="sum")
+        return F.binary_cross_entropy_with_logits(logits, bce_targets(targets, logits), reduction="sum")
     if loss == "ce":
         return F.cross_entropy(logits, targets, reduction="sum")
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
@@ -111,12 +114,7 @@ def head_residuals(
     """
     scores = head(features) if logits is None else logits.reshape(features.shape[0], -1)
     if loss == "bce":
-        if targets.numel() != scores.numel():
-            raise ValueError(
-                f"bce targets of shape {tuple(targets.shape)} do not match scores of shape "
-                f"{tuple(scores.shape)}; pass one 0/1 target per logit."
-            )
-        return torch.sigmoid(scores) - targets.reshape(scores.shape).to(scores.dtype)
+        return torch.sigmoid(scores) - bce_targets(targets, scores)
     if loss == "ce":
         return torch.softmax(scores, dim=1) - F.one_hot(targets, scores.shape[1]).to(scores.dtype)
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")

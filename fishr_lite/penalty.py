@@ -128,11 +128,16 @@ def _split_domains(
         split = {name: torch.split(g, sizes) for name, g in grads.items()}
         return [{name: parts[e] for name, parts in split.items()} for e in range(len(sizes))]
     domains = list(grads)
-    sizes = [next(iter(d.values())).shape[0] if d else 0 for d in domains]
+    check_rows_per_domain([next(iter(d.values())).shape[0] if d else 0 for d in domains], domain_sizes)
+    return domains
+
+
+def check_rows_per_domain(rows: Sequence[int], domain_sizes: Optional[Sequence[int]]) -> None:
+    """Validate per-domain row counts (>= 2 each), and that ``domain_sizes``, if given, equals them."""
+    sizes = [int(r) for r in rows]
     check_domain_sizes(sizes, sum(sizes) if domain_sizes is None else sum(int(s) for s in domain_sizes))
     if domain_sizes is not None and [int(s) for s in domain_sizes] != sizes:
         raise ValueError(f"domain_sizes {list(domain_sizes)} differ from the per-domain row counts {sizes}.")
-    return domains
 
 
 def domain_variances(
@@ -263,6 +268,16 @@ def fishr_penalty(
         grad_scale=grad_scale,
         full_covariance_divisor=full_covariance_divisor,
     )
+    return _averaged_distance(variances, moving_average, coordinate_reduction, domain_reduction)
+
+
+def _averaged_distance(
+    variances: Variances,
+    moving_average: Optional[DomainMovingAverage],
+    coordinate_reduction: str,
+    domain_reduction: str,
+) -> Tensor:
+    """The last two steps of the penalty: the moving average (if any), then the distance."""
     if moving_average is not None:
         variances = moving_average.update(variances)
     return variance_distance(
@@ -376,18 +391,14 @@ class Fishr:
 
     def _fused_penalty(self, features, targets, scores, domain_sizes) -> Tensor:
         """The closed-form path: variances straight from residuals and features."""
-        sizes = check_domain_sizes([len(z) for z in features], sum(len(z) for z in features))
-        if domain_sizes is not None and [int(s) for s in domain_sizes] != sizes:
-            raise ValueError(f"domain_sizes {list(domain_sizes)} differ from the per-domain row counts {sizes}.")
+        check_rows_per_domain([len(z) for z in features], domain_sizes)
         scale, centered = self.options["grad_scale"] ** 2, self.options["centered"]
         variances = []
         for z, y, s in zip(features, targets, scores):
             v = linear_head_variances(self.head, z, y, self.loss, centered=centered, logits=s)
             variances.append({k: _check_finite(k, x * scale if scale != 1.0 else x) for k, x in v.items()})
-        if self.moving_average is not None:
-            variances = self.moving_average.update(variances)
-        return variance_distance(variances, coordinate_reduction=self.options["coordinate_reduction"],
-                                 domain_reduction=self.options["domain_reduction"])
+        return _averaged_distance(variances, self.moving_average, self.options["coordinate_reduction"],
+                                  self.options["domain_reduction"])
 
     def weight(self, step: int) -> float:
         return self.schedule(step)
