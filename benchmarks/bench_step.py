@@ -269,6 +269,10 @@ def provenance() -> dict:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except Exception:
         commit = None
+    try:  # transparent huge pages: the kernel's mode, and whether PyTorch asks for them
+        thp_mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        thp_mode = None
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -280,6 +284,8 @@ def provenance() -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "transparent_hugepage": thp_mode,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "git_commit": commit,
     }
 

@@ -26,14 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fishr_lite.blocked import row_blocks
 from fishr_lite.grads import head_residuals
-
-ROWS_PER_BLOCK = 2048  # 2048 x 390 float32 = 3 MB: a block and its temporaries stay in cache
-
-
-def row_blocks(n: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of consecutive blocks of ``ROWS_PER_BLOCK`` rows covering ``range(n)``."""
-    return [(start, min(start + ROWS_PER_BLOCK, n)) for start in range(0, n, ROWS_PER_BLOCK)]
 
 
 class _WeightVariance(torch.autograd.Function):
@@ -116,4 +110,4 @@ def linear_head_variances(
     return variances
 
 
-__all__ = ["ROWS_PER_BLOCK", "linear_head_variances", "row_blocks"]
+__all__ = ["linear_head_variances"]

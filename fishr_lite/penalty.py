@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from fishr_lite.grads import per_sample_grads
-from fishr_lite.head_variance import linear_head_variances, row_blocks
+from fishr_lite.blocked import column_variances
+from fishr_lite.head_variance import linear_head_variances
 
 Variances = list[dict[str, Tensor]]
 
@@ -80,35 +81,6 @@ def check_domain_sizes(domain_sizes: Sequence[int], n: int) -> list[int]:
             "pass the sizes of the domains in the order they were concatenated."
         )
     return sizes
-
-
-class _SecondMoment(torch.autograd.Function):
-    """v = (1/n) sum_i (g_i - gbar)^2 per column of an (n, D) block (gbar = 0 if not centered).
-
-    The deviations are formed in row blocks that stay in cache (no (n, D) temporary), and
-    the hand-written backward, dv -> dg_i = (2/n) (g_i - gbar) dv (the gbar term vanishes
-    because sum_i (g_i - gbar) = 0), is one pass writing the result. Its own backward is not
-    differentiable again (the penalty is differentiated once).
-    """
-
-    @staticmethod
-    def forward(ctx, block: Tensor, centered: bool) -> Tensor:
-        mean = block.mean(dim=0, keepdim=True) if centered else torch.zeros_like(block[:1])
-        v = block.new_zeros(block.shape[1])
-        for a, b in row_blocks(block.shape[0]):
-            v += (block[a:b] - mean).square_().sum(dim=0)
-        ctx.save_for_backward(block, mean)
-        return v / block.shape[0]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_v: Tensor):
-        block, mean = ctx.saved_tensors
-        scaled = grad_v * (2.0 / block.shape[0])
-        grad = torch.empty_like(block)
-        for a, b in row_blocks(block.shape[0]):
-            torch.sub(block[a:b], mean, out=grad[a:b]).mul_(scaled)
-        return grad, None
 
 
 def _split_domains(
@@ -166,7 +138,7 @@ def domain_variances(
             if grad_scale != 1.0:
                 block = block * grad_scale
             if covariance == "diagonal":
-                v = _SecondMoment.apply(block, centered).reshape(g.shape[1:])
+                v = column_variances(block, centered).reshape(g.shape[1:])
             else:
                 if centered:
                     block = block - block.mean(dim=0, keepdim=True)

@@ -10,8 +10,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fishr_lite"
 # module (or subpackage) -> the fishr_lite modules it may import (besides itself)
 ALLOWED = {
     "grads": set(),
-    "head_variance": {"grads"},
-    "penalty": {"grads", "head_variance"},
+    "blocked": set(),
+    "head_variance": {"grads", "blocked"},
+    "penalty": {"grads", "head_variance", "blocked"},
     "objectives": {"grads", "penalty"},
     "diagnostics": {"grads", "penalty"},
     "data": set(),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import fishr_lite.head_variance as head_variance
+import fishr_lite.blocked as blocked
 from fishr_lite.grads import loop_grads
 from fishr_lite.head_variance import _WeightVariance, linear_head_variances
 from fishr_lite.penalty import Fishr, domain_variances
@@ -23,7 +23,7 @@ def problem(loss, n=11, d=5, classes=3, seed=0):
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_values_and_gradients_match_an_autograd_loop(monkeypatch, loss, centered, block):
-    monkeypatch.setattr(head_variance, "ROWS_PER_BLOCK", block)
+    monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", block)
     featurizer, head, x, y = problem(loss)
     z = featurizer(x)
     got = linear_head_variances(head, z, y, loss, centered=centered)
@@ -41,7 +41,7 @@ def test_values_and_gradients_match_an_autograd_loop(monkeypatch, loss, centered
 
 
 def test_weight_variance_passes_gradcheck(monkeypatch):
-    monkeypatch.setattr(head_variance, "ROWS_PER_BLOCK", 4)
+    monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", 4)
     torch.manual_seed(1)
     r = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
     z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
