@@ -44,20 +44,40 @@ class MNISTFileError(ValueError):
     """An MNIST file is missing or does not match its checksum."""
 
 
+def _checkout() -> Path | None:
+    """The repository the package sits in (with ``data/MNIST``), or None for an installed copy."""
+    repository = Path(__file__).resolve().parent.parent
+    if (repository / "pyproject.toml").is_file() and (repository / "data" / "MNIST").is_dir():
+        return repository
+    return None
+
+
 def default_mnist_root() -> Path:
-    """``$FISHR_MNIST_DIR`` if set, else the repository's ``data/MNIST`` next to the package."""
+    """``$FISHR_MNIST_DIR`` if set; else the repository's ``data/MNIST`` next to the package;
+    for a pip-installed package (which ships no data), ``$XDG_CACHE_HOME/fishr_lite/MNIST``
+    (``~/.cache/fishr_lite/MNIST`` by default), where ``load_mnist(download=True)`` puts it."""
     env = os.environ.get("FISHR_MNIST_DIR")
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "data" / "MNIST"
+        return Path(env).expanduser()
+    repository = _checkout()
+    if repository is not None:
+        return repository / "data" / "MNIST"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "fishr_lite" / "MNIST"
 
 
 def _restore_hint(root: Path) -> str:
+    repository = _checkout()
+    if repository is not None:
+        shipped = (f"Restore the copy shipped with the Fishr book with "
+                   f"`git checkout -- {repository / 'data' / 'MNIST'}`, or call ")
+    else:
+        shipped = ("fishr_lite installed with pip ships no data (MNIST lives in data/MNIST of the "
+                   "Fishr book's repository). Call ")
     return (
-        f"Restore it with `git checkout -- {root}` in a clone of the Fishr book, or call "
-        "`fishr_lite.data.load_mnist(download=True)` on a machine with internet access "
-        "(downloads from the usual MNIST mirrors, verified by the same checksums), or point "
-        "$FISHR_MNIST_DIR at a folder holding the four IDX files (gzipped or not)."
+        shipped + "`fishr_lite.data.load_mnist(download=True)` on a machine with internet access "
+        f"(downloads into {root} from the usual MNIST mirrors, verified by the same checksums), "
+        "or point $FISHR_MNIST_DIR at a folder holding the four IDX files (gzipped or not)."
     )
 
 
