@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py            # full run (a few minutes on 2 CPU cores)
     python benchmarks/bench_step.py --quick    # tiny sizes, for CI smoke runs
+    python benchmarks/bench_step.py --device cuda   # the same cases on a GPU
 
 Measures (repeats interleaved round-robin, medians reported):
 
@@ -130,12 +131,12 @@ def erm_matmul_flops(n_total: int, dims=(392, 390, 390, 1)) -> float:
     return 2 * forward + sum(2 * n_total * a * b for a, b in pairs[1:])
 
 
-def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1)) -> Callable[[], None]:
+def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1), device: str = "cpu") -> Callable[[], None]:
     """The ERM step's matrix products with their exact shapes, on random data."""
     pairs = list(zip(dims[:-1], dims[1:]))
-    acts = [torch.randn(n, a) for a, _ in pairs]
-    weights = [torch.randn(b, a) for a, b in pairs]
-    outs = [torch.randn(n, b) for _, b in pairs]
+    acts = [torch.randn(n, a, device=device) for a, _ in pairs]
+    weights = [torch.randn(b, a, device=device) for a, b in pairs]
+    outs = [torch.randn(n, b, device=device) for _, b in pairs]
 
     def run() -> None:
         for _ in range(domains):
@@ -147,12 +148,19 @@ def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1)) -> Callable[[
     return run
 
 
-def make_square_gemm(size: int) -> Callable[[], None]:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def make_square_gemm(size: int, device: str = "cpu") -> Callable[[], None]:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     return lambda: a @ b
 
 
-def round_robin(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a timer measures it (no-op on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def round_robin(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                device: str = "cpu") -> dict[str, list[float]]:
     """Run each task ``warmup`` times, then ``repeats`` rounds of one call each, interleaved."""
     for task in tasks.values():
         for _ in range(warmup):
@@ -160,21 +168,24 @@ def round_robin(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int 
     times: dict[str, list[float]] = {name: [] for name in tasks}
     for _ in range(repeats):
         for name, task in tasks.items():
+            synchronize(device)
             start = time.perf_counter()
             task()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int) -> dict:
+def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    data = [(torch.rand(n_per_domain, 392), torch.randint(0, 2, (n_per_domain,)).float()) for _ in range(2)]
-    base = ColoredMnistMLP()
+    data = [(torch.rand(n_per_domain, 392, device=device),
+             torch.randint(0, 2, (n_per_domain,), device=device).float()) for _ in range(2)]
+    base = ColoredMnistMLP().to(device)
     kinds = ["erm", "fishr_closed_form", "fishr_backpack", "fishr_functorch", "naive_backpack_whole_network"]
     tasks = {kind: make_mlp_step(kind, copy.deepcopy(base), data) for kind in kinds}
-    tasks["gemm_square"] = make_square_gemm(gemm_size)
-    tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2)
-    times = round_robin(tasks, repeats)
+    tasks["gemm_square"] = make_square_gemm(gemm_size, device)
+    tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2, device=device)
+    times = round_robin(tasks, repeats, device=device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     gemm_rate = 2 * gemm_size**3 / medians["gemm_square"]
     flops = erm_matmul_flops(2 * n_per_domain)
@@ -197,13 +208,13 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int) -> dict:
     }
 
 
-def bench_cnn(batch: int, repeats: int) -> dict:
+def bench_cnn(batch: int, repeats: int, device: str = "cpu") -> dict:
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad
 
     torch.manual_seed(0)
-    model = mnist_cnn()
-    x, y = torch.randn(batch, 2, 28, 28), torch.randint(0, 2, (batch,))
+    model = mnist_cnn().to(device)
+    x, y = torch.randn(batch, 2, 28, 28, device=device), torch.randint(0, 2, (batch,), device=device)
     bp_model = copy.deepcopy(model)
     for module in bp_model.modules():  # BackPACK has no BatchGrad rule for GroupNorm
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -229,7 +240,7 @@ def bench_cnn(batch: int, repeats: int) -> dict:
         summed_loss(model(x), y, "ce").backward()
 
     tasks = {"functorch": functorch, "backpack": backpack_batchgrad, "loop": loop, "batch_gradient": batch_gradient}
-    times = round_robin(tasks, repeats)
+    times = round_robin(tasks, repeats, device=device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
         "batch": batch,
@@ -245,7 +256,7 @@ def bench_cnn(batch: int, repeats: int) -> dict:
     }
 
 
-def provenance() -> dict:
+def provenance(device: str = "cpu") -> dict:
     try:
         import backpack
 
@@ -284,6 +295,8 @@ def provenance() -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
         "transparent_hugepage": thp_mode,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "git_commit": commit,
@@ -303,7 +316,8 @@ def check_targets(mlp: dict, cnn: dict) -> dict:
 
 def print_table(record: dict) -> None:
     mlp, cnn = record["mlp"], record["cnn"]
-    print(f"Colored MNIST MLP step, {mlp['domains']} x {mlp['n_per_domain']} samples, median of {mlp['repeats']}:")
+    where = record["provenance"].get("gpu") or record["provenance"]["cpu"]
+    print(f"Colored MNIST MLP step, {mlp['domains']} x {mlp['n_per_domain']} samples, median of {mlp['repeats']}, on {where}:")
     for kind, ratio in mlp["ratio_to_erm"].items():
         print(f"  {kind:32s} {mlp['median_s'][kind] * 1e3:9.1f} ms   {ratio:5.2f} x ERM")
     g = mlp["gemm"]
@@ -328,15 +342,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--repeats", type=int, default=None, help="MLP repeats (default 7, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU; run on a GPU machine or use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # BackPACK / create_graph chatter
     quick = args.quick
     mlp = bench_mlp(n_per_domain=500 if quick else 25_000, repeats=args.repeats or (2 if quick else 7),
-                    gemm_size=256 if quick else 2048)
-    cnn = bench_cnn(batch=4 if quick else 64, repeats=1 if quick else 3)
-    record = {"benchmark": "bench_step", "quick": quick, "provenance": provenance(), "targets": TARGETS,
+                    gemm_size=256 if quick else 2048, device=args.device)
+    cnn = bench_cnn(batch=4 if quick else 64, repeats=1 if quick else 3, device=args.device)
+    record = {"benchmark": "bench_step", "quick": quick, "provenance": provenance(args.device), "targets": TARGETS,
               "mlp": mlp, "cnn": cnn}
     record["targets_met"] = check_targets(mlp, cnn)
     print_table(record)

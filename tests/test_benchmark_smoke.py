@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +20,7 @@ def test_bench_step_quick_writes_a_complete_record(tmp_path):
     files = list(tmp_path.glob("bench_step_*.json"))
     assert len(files) == 1
     record = json.loads(files[0].read_text())
+    assert record["provenance"]["device"] == "cpu" and record["provenance"]["gpu"] is None
     for key in ("date", "host", "torch", "backpack", "cpu", "torch_threads", "fishr_lite"):
         assert record["provenance"][key] not in (None, ""), key
     kinds = {"erm", "fishr_closed_form", "fishr_backpack", "fishr_functorch", "naive_backpack_whole_network"}
@@ -31,3 +35,13 @@ def test_bench_step_quick_writes_a_complete_record(tmp_path):
         "fishr_closed_form_over_erm", "fishr_backpack_over_erm", "erm_over_gemm_time", "per_sample_speedup_over_loop"
     }
     assert "Targets:" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_bench_step_without_cuda_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--device", "cuda",
+         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 2 and "sees no CUDA GPU" in result.stderr
+    assert not list(tmp_path.iterdir())
