@@ -124,7 +124,8 @@ def domain_variances(
     """Per-domain gradient variances ``[{name: v_e}]`` from per-sample gradients ``(n, *shape)``.
 
     ``grads``: one dict whose rows are the domains' samples concatenated in order (then pass
-    ``domain_sizes``), or one dict per domain. Diagonal: v_e has the parameter's shape. Full:
+    ``domain_sizes``), or one dict per domain. Diagonal: v_e has the parameter's shape
+    (computed by :func:`fishr_lite.blocked.column_variances`, in cache-sized row blocks). Full:
     one (D, D) covariance per parameter tensor of D coordinates, divided by n_e
     (``"samples"``) or n_e * D (``"samples_times_block_size"``, the Colored MNIST script's).
     """
