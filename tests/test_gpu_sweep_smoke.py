@@ -1,0 +1,112 @@
+"""The one-GPU DomainBed sweep (benchmarks/domainbed_gpu_sweep.py and gpu_run.sh's step 3):
+its runs, its cost estimate, and the whole path on the CPU at tiny sizes (--smoke)."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fishr_lite.domainbed.profiles import profile_jobs
+from fishr_lite.domainbed.records import load_records
+from fishr_lite.domainbed.reporting import build_report
+from fishr_lite.domainbed.sweep import DONE, INCOMPLETE
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # spawned workers import the module by this name
+import domainbed_gpu_sweep as gpu  # noqa: E402
+
+
+def test_gpu_sweep_is_domainbeds_runs_in_launch_order():
+    jobs = gpu.sweep_jobs("/tmp/sweep", gpu.GPU, ["ERM", "Fishr"])
+    assert len(jobs) == 2 * 1 * 3 * (3 + 6)  # algorithms x draws x trials x single test envs
+    assert all(len(j.args["test_envs"]) == 1 and j.args["hparams_seed"] == 0 for j in jobs)
+    domainbed_defaults = {"steps", "checkpoint_freq", "max_per_env", "hparams"}  # not overridden
+    assert all(not domainbed_defaults & set(j.args) for j in jobs)
+    # the same run folders as DomainBed's full ColoredMNIST sweep (chapter 9's paper profile)
+    paper = {j.output_dir.name for j in profile_jobs("/tmp/sweep", "paper")}
+    assert {j.output_dir.name for j in jobs if j.args["dataset"] == "ColoredMNIST"} <= paper
+    trials = [j.args["trial_seed"] for j in jobs]
+    assert trials == sorted(trials)  # whole trials finish first
+    first = jobs[:18]
+    assert [j.args["dataset"] for j in first] == ["RotatedMNIST"] * 12 + ["ColoredMNIST"] * 6
+
+
+def test_default_algorithms_start_with_erm_and_fishr():
+    assert gpu.sweep_algorithms()[:2] == ["ERM", "Fishr"]
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        gpu.sweep_algorithms(["ERM", "NotAnAlgorithm"])
+
+
+def test_cost_estimate_is_the_one_the_docstring_gives():
+    jobs = gpu.sweep_jobs("/tmp/sweep", gpu.GPU, ["ERM", "Fishr"])
+    seconds = {j.args["dataset"]: gpu.estimated_gpu_seconds(j) for j in jobs
+               if j.args["trial_seed"] == 0 and j.args["algorithm"] == "ERM"}
+    assert 10 < seconds["ColoredMNIST"] < 12 and 17 < seconds["RotatedMNIST"] < 19
+    total = sum(gpu.estimated_gpu_seconds(j) for j in jobs) / 60
+    assert 13.5 < total < 14.5, total
+    smoke = gpu.sweep_jobs("/tmp/sweep", gpu.SMOKE, ["ERM"])
+    assert gpu.estimated_gpu_seconds(smoke[0]) < 0.01  # narrow network, 6 steps, 24 images
+
+
+def _smoke(tmp_path: Path, out: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / out),
+               DOMAINBED_SMOKE_BASE=str(tmp_path / "base"))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--smoke"], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_smoke_runs_the_sweep_archives_it_and_resumes(tmp_path):
+    first = _smoke(tmp_path, "out1")
+    assert "this call: 18 runs finished, 0 failed" in first.stdout
+    archive = tmp_path / "out1" / "domainbed_records.tgz"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    sweep_dir = tmp_path / "unpacked" / "data/results/domainbed/gpu_sweep_smoke"
+    runs = [p for p in sweep_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 18 and all((p / "done").exists() for p in runs)
+    call = json.loads((sweep_dir / "calls.jsonl").read_text())
+    assert call["options"]["smoke"] and call["machine"]["device"] == "cpu"
+    assert len(call["finished"]) == 18 and all(s > 0 for s in call["finished"].values())
+
+    stray = tmp_path / "base/data/results/domainbed/gpu_sweep_smoke/0123abcd"
+    stray.mkdir()  # a run stopped mid-way: no 'done', so it stays out of the archive
+    (stray / "results.jsonl").write_text("{}\n")
+    second = _smoke(tmp_path, "out2")  # the same sweep folder: nothing left to run
+    assert "this call: 0 runs finished" in second.stdout and "18 of 18 runs done" in second.stdout
+    with tarfile.open(tmp_path / "out2" / "domainbed_records.tgz") as tar:
+        names = tar.getnames()
+    assert not any("0123abcd" in n for n in names) and sum(n.endswith("/done") for n in names) == 18
+    assert len((tmp_path / "base" / "data/results/domainbed/gpu_sweep_smoke/calls.jsonl")
+               .read_text().splitlines()) == 1
+
+    report = build_report(sweep_dir)
+    assert report.sweep.n_runs == 18 and report.sweep.n_incomplete_runs == 0
+    for dataset, n_envs in (("ColoredMNIST", 3), ("RotatedMNIST", 6)):
+        table = report.table(dataset, "oracle")
+        assert table.row_labels == ["ERM", "Fishr"] and len(table.col_labels) == n_envs + 1
+        assert all(m is not None for row in table.means for m in row)
+        assert all(m is None for row in report.table(dataset, "loo").means for m in row)  # no pairs
+    assert "Dataset: RotatedMNIST" in (tmp_path / "out1" / "domainbed_sweep.txt").read_text()
+
+
+@pytest.mark.slow
+def test_time_limit_stops_runs_and_the_next_call_starts_them_over(tmp_path):
+    long, short = gpu.sweep_jobs(tmp_path, gpu.SMOKE, ["ERM"])[:2]
+    long.args["steps"] = 10**7  # cannot finish before the limit
+    result = gpu.run_parallel([long, short], workers=1, time_limit=20, stop_starting_after=18)
+    assert result.stopped == [long.output_dir.name]
+    assert result.not_started == [short.output_dir.name]
+    assert long.state == INCOMPLETE and not result.finished and not result.failed
+    assert load_records(tmp_path).incomplete_runs == [str(long.output_dir)]
+    long.args["steps"] = 3
+    result = gpu.run_parallel([long, short], workers=2)
+    assert sorted(result.finished) == sorted([long.output_dir.name, short.output_dir.name])
+    assert long.state == DONE  # started over: 3 steps, checkpoints at steps 0 and 2
+    assert len((long.output_dir / "results.jsonl").read_text().splitlines()) == 2
