@@ -105,8 +105,10 @@ def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]
 
         return step
 
-    objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce",
-                               **({} if kind == "erm" else {"engine": kind.removeprefix("fishr_")}))
+    # the case names are record keys: "fishr_functorch" is the engine now called "torch.func"
+    options = {} if kind == "erm" else {"engine": kind.removeprefix("fishr_"),
+                                        "convention": "colored_mnist"}
+    objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce", **options)
     weight = 1.0 if kind == "erm" else PENALTY_WEIGHT
 
     def step() -> None:
@@ -222,7 +224,7 @@ def bench_cnn(batch: int, repeats: int, device: str = "cpu") -> dict:
 
     def functorch() -> None:
         with torch.no_grad():
-            per_sample_grads(model, x, y, loss="ce", engine="functorch")
+            per_sample_grads(model, x, y, loss="ce", engine="torch.func")
 
     def backpack_batchgrad() -> None:
         with backpack(BatchGrad()):

@@ -7,8 +7,13 @@ For an (n, D) matrix g whose rows g_i are n per-sample gradients of D coordinate
 
 The deviations g_i - gbar are formed ``ROWS_PER_BLOCK`` rows at a time, so no (n, D)
 temporary is allocated in the forward pass, and the hand-written backward writes its
-result in one pass. ``fishr_lite.penalty`` uses this for the diagonal Fishr variances;
-``fishr_lite.head_variance`` uses the same blocks for a linear head.
+result in one pass. Half-precision input (float16, bfloat16, e.g. under ``torch.autocast``)
+is accumulated in float32 and v is returned in float32.
+
+The backward is differentiable again (``create_graph=True``: it then switches to plain
+autograd operations). ``torch.func`` transforms cannot see inside a custom Function:
+:func:`column_variances` refuses wrapped tensors with an error naming the plain formula,
+``fishr_lite.penalty.reference_variance``, which the penalty uses there instead.
 """
 
 from __future__ import annotations
@@ -24,39 +29,70 @@ def row_blocks(n: int) -> list[tuple[int, int]]:
     return [(start, min(start + ROWS_PER_BLOCK, n)) for start in range(0, n, ROWS_PER_BLOCK)]
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16 / bfloat16 (and float32), float64 for float64: sums of squares
+    over thousands of rows lose every digit in a 8-bit mantissa."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def under_torch_func(tensor: Tensor) -> bool:
+    """True if ``tensor`` is wrapped by a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def refuse_torch_func(tensor: Tensor, what: str) -> None:
+    """The custom Functions here have no ``torch.func`` rule: say so, and what to use instead."""
+    if under_torch_func(tensor):
+        raise RuntimeError(
+            f"{what} is a custom autograd Function without torch.func support; under "
+            "torch.func transforms use fishr_lite.penalty.reference_variance (plain autograd), "
+            "which fishr_lite.penalty.gradient_variance picks automatically."
+        )
+
+
 class _ColumnVariance(torch.autograd.Function):
     """v of the module docstring, with backward dv -> dg_i = (2/n) (g_i - gbar) dv.
 
-    The gbar term of the backward vanishes because sum_i (g_i - gbar) = 0. The backward is
-    not differentiable again (the penalty is differentiated once).
+    The gbar term of the backward vanishes because sum_i (g_i - gbar) = 0.
     """
 
     @staticmethod
     def forward(ctx, g: Tensor, centered: bool) -> Tensor:
-        mean = g.mean(dim=0, keepdim=True) if centered else torch.zeros_like(g[:1])
-        v = g.new_zeros(g.shape[1])
-        for a, b in row_blocks(g.shape[0]):
-            v += (g[a:b] - mean).square_().sum(dim=0)
+        acc = accumulation_dtype(g.dtype)
+        with torch.autocast(g.device.type, enabled=False):
+            mean = g.mean(dim=0, keepdim=True, dtype=acc) if centered else g.new_zeros((1, g.shape[1]), dtype=acc)
+            v = g.new_zeros(g.shape[1], dtype=acc)
+            for a, b in row_blocks(g.shape[0]):
+                v += (g[a:b].to(acc) - mean).square_().sum(dim=0)
+        ctx.centered = centered
         ctx.save_for_backward(g, mean)
         return v / g.shape[0]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v: Tensor):
         g, mean = ctx.saved_tensors
-        scaled = grad_v * (2.0 / g.shape[0])
+        n = g.shape[0]
+        if torch.is_grad_enabled():  # create_graph=True: plain operations, differentiable again
+            deviation = g - g.mean(dim=0, keepdim=True) if ctx.centered else g
+            return (deviation * grad_v * (2.0 / n)).to(g.dtype), None
+        scaled = grad_v * (2.0 / n)
         grad = torch.empty_like(g)
-        for a, b in row_blocks(g.shape[0]):
-            torch.sub(g[a:b], mean, out=grad[a:b]).mul_(scaled)
+        for a, b in row_blocks(n):
+            if g.dtype == mean.dtype:
+                torch.sub(g[a:b], mean, out=grad[a:b]).mul_(scaled)
+            else:  # half precision: the deviation in float32, rounded once
+                grad[a:b] = (g[a:b].to(mean.dtype) - mean).mul_(scaled)
         return grad, None
 
 
 def column_variances(g: Tensor, centered: bool = True) -> Tensor:
     """v = (1/n) sum_i (g_i - gbar)^2 for each column of the (n, D) matrix ``g``.
 
-    With ``centered=False``, gbar = 0 (the second moment). Differentiable once.
+    With ``centered=False``, gbar = 0 (the second moment). Differentiable (twice too);
+    float32 or float64 result (see the module docstring).
     """
     if g.dim() != 2:
         raise ValueError(f"column_variances needs an (n, D) matrix, got shape {tuple(g.shape)}; "
                          "reshape per-sample gradients with g.reshape(n, -1).")
+    refuse_torch_func(g, "column_variances")
     return _ColumnVariance.apply(g, centered)

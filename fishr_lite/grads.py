@@ -19,8 +19,9 @@ Engines (``ENGINES`` registry, ``engine=`` argument of :func:`per_sample_grads`)
 - ``"closed_form"``: ``nn.Linear`` head only, exact formulas, no extra backward pass.
 - ``"backpack"``: BackPACK ``BatchGrad`` (backpack-for-pytorch >= 1.7) on any head BackPACK
   supports; backpropagates only through the head (see :func:`backpack_grads`).
-- ``"functorch"``: ``torch.func.vmap(grad(...))`` over ``functional_call``; any module,
-  including a whole network (no BatchNorm in train mode: it mixes samples).
+- ``"torch.func"``: ``torch.func.vmap(grad(...))`` over ``functional_call``; any module,
+  including a whole network (no BatchNorm in train mode: it mixes samples). ``"functorch"``
+  is an alias of it (``ENGINE_ALIASES``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ LOSSES = ("bce", "ce")
 
 GradEngine = Callable[[nn.Module, Tensor, Tensor, str, Optional[Tensor]], dict[str, Tensor]]
 ENGINES: dict[str, GradEngine] = {}
+#: Older names still accepted by :func:`engine_name`.
+ENGINE_ALIASES = {"functorch": "torch.func"}
+
+
+def engine_name(engine: str) -> str:
+    """The registered name of ``engine`` (an alias such as ``"functorch"`` resolved)."""
+    name = ENGINE_ALIASES.get(engine, engine)
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {sorted(ENGINES)}.")
+    return name
 
 
 def register_engine(name: str) -> Callable[[GradEngine], GradEngine]:
@@ -85,17 +96,16 @@ def per_sample_grads(
     """Per-sample gradients ``{name: (n, *param.shape)}`` of ``loss(module(x_i), y_i)``.
 
     Args:
-        module: the head (or, with ``engine="functorch"``, any network).
+        module: the head (or, with ``engine="torch.func"``, any network).
         inputs: ``(n, ...)`` inputs of ``module`` (for a head: the featurizer's output,
             still attached to its graph so the penalty trains the featurizer).
         targets: ``(n,)`` 0/1 floats for ``"bce"``, class indices for ``"ce"``.
         loss: ``"bce"`` (BCE with logits) or ``"ce"`` (cross-entropy).
-        engine: a key of ``ENGINES``.
+        engine: a key of ``ENGINES`` (or of ``ENGINE_ALIASES``).
         logits: optional ``module(inputs)`` already computed (used by ``"closed_form"`` to
             skip the head's forward; the other engines recompute what they need).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; use one of {sorted(ENGINES)}.")
+    engine = engine_name(engine)
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
     if inputs.shape[0] != targets.shape[0]:
@@ -111,8 +121,10 @@ def head_residuals(
     """Residuals r_i = dl_i/ds_i ``(n, C)`` of a head's scores s_i (``logits`` if given).
 
     BCE with logits: r_i = sigmoid(s_i) - y_i; cross-entropy: r_i = softmax(s_i) - onehot(y_i).
+    Half-precision scores (``torch.autocast``) give float32 residuals.
     """
     scores = head(features) if logits is None else logits.reshape(features.shape[0], -1)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if loss == "bce":
         return torch.sigmoid(scores) - bce_targets(targets, scores)
     if loss == "ce":
@@ -134,7 +146,7 @@ def closed_form_grads(
     if not isinstance(head, nn.Linear):
         raise ValueError(
             f"engine 'closed_form' needs an nn.Linear head, got {type(head).__name__}; "
-            "use engine='backpack' or engine='functorch' for other heads."
+            "use engine='backpack' or engine='torch.func' for other heads."
         )
     residual = head_residuals(head, features, targets, loss, logits)
     if residual.shape[1] == 1:  # one output: (n, 1) * (n, d) avoids a size-1 reduction in backward
@@ -195,7 +207,7 @@ def backpack_grads(
     except ImportError as error:  # pragma: no cover - backpack is a dependency
         raise ValueError(
             "engine 'backpack' needs backpack-for-pytorch; `pip install backpack-for-pytorch` "
-            "or use engine='closed_form' / 'functorch'."
+            "or use engine='closed_form' / 'torch.func'."
         ) from error
     shadow = _backpack_shadow(head, extend)
     leaf = features if features.requires_grad else features.detach().requires_grad_(True)
@@ -210,8 +222,8 @@ def backpack_grads(
     return grads
 
 
-@register_engine("functorch")
-def functorch_grads(
+@register_engine("torch.func")
+def torch_func_grads(
     module: nn.Module, inputs: Tensor, targets: Tensor, loss: str, logits: Optional[Tensor] = None
 ) -> dict[str, Tensor]:
     """Per-sample gradients by ``torch.func``: vmap over i of grad_theta l(f(theta, x_i), y_i).

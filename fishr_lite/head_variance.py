@@ -11,12 +11,16 @@ g_i^b = r_i, so their per-coordinate variances over the n samples of a domain ne
 
 (``centered=False`` sets m and mean_j r_j to 0), with a hand-written backward.
 
-This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.penalty.Fishr`: the
+This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.FishrPenalty`: the
 (n, C, d) per-sample gradients of ``closed_form_grads`` are never materialized, and the
 features are read in row blocks that fit in cache, so the penalty costs four passes over
 the features (two forward, two backward) instead of a dozen, and allocates one (n, d)
 tensor. The result equals ``domain_variances(closed_form_grads(...))`` (tested in float64,
 values and gradients).
+
+Half-precision features or logits (``torch.autocast``) are accumulated in float32. The
+backward is differentiable again (``create_graph=True``); under ``torch.func`` transforms the
+penalty uses the per-sample-gradient path instead (see ``fishr_lite.penalty.head_variances``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fishr_lite.blocked import row_blocks
+from fishr_lite.blocked import accumulation_dtype, refuse_torch_func, row_blocks
 from fishr_lite.grads import head_residuals
 
 
@@ -42,17 +46,24 @@ class _WeightVariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual: Tensor, features: Tensor, centered: bool) -> Tensor:
         n = features.shape[0]
-        mean = residual.T @ features / n if centered else None
-        variance = features.new_zeros(residual.shape[1], features.shape[1])
-        for a, b in row_blocks(n):
-            variance += _deviations(residual[a:b], features[a:b], mean).square_().sum(dim=0)
+        acc = accumulation_dtype(features.dtype)
+        with torch.autocast(features.device.type, enabled=False):
+            residual = residual.to(acc)
+            mean = residual.T @ features.to(acc) / n if centered else None
+            variance = features.new_zeros(residual.shape[1], features.shape[1], dtype=acc)
+            for a, b in row_blocks(n):
+                variance += _deviations(residual[a:b], features[a:b].to(acc), mean).square_().sum(dim=0)
+        ctx.centered = centered
         ctx.save_for_backward(residual, features, *(() if mean is None else (mean,)))
         return variance / n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v: Tensor):
         residual, features, *maybe_mean = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: plain operations, differentiable again
+            return (*_plain_gradients(residual, features, ctx.centered, grad_v), None)
+        features_dtype = features.dtype  # half precision: backward in float32, rounded once
+        features = features.to(residual.dtype)
         mean = maybe_mean[0] if maybe_mean else None
         n, classes = features.shape[0], residual.shape[1]
         scaled = grad_v * (2.0 / n)
@@ -71,7 +82,20 @@ class _WeightVariance(torch.autograd.Function):
                 torch.sum(weighted.mul(r.unsqueeze(2)), dim=1, out=grad_z[a:b])
             if grad_r is not None:
                 torch.sum(weighted.mul_(z.unsqueeze(1)), dim=2, out=grad_r[a:b])
-        return grad_r, grad_z, None
+        return grad_r, None if grad_z is None else grad_z.to(features_dtype), None
+
+
+def _plain_gradients(residual: Tensor, features: Tensor, centered: bool, grad_v: Tensor):
+    """The backward of :class:`_WeightVariance` with plain operations (so that it can itself be
+    differentiated): D_i = r_i z_i^T - m, dL/dz_i = (2/n) sum_c r_ic (G∘D_i)_c,
+    dL/dr_ic = (2/n) (G∘D_i)_c · z_i, with m recomputed from r and z."""
+    z = features.to(residual.dtype)
+    outer = residual.unsqueeze(2) * z.unsqueeze(1)  # (n, C, d)
+    deviation = outer - outer.mean(dim=0) if centered else outer
+    weighted = deviation * grad_v * (2.0 / z.shape[0])
+    grad_r = (weighted * z.unsqueeze(1)).sum(dim=2)
+    grad_z = (weighted * residual.unsqueeze(2)).sum(dim=1).to(features.dtype)
+    return grad_r, grad_z
 
 
 def _deviations(r: Tensor, z: Tensor, mean: Optional[Tensor]) -> Tensor:
@@ -100,8 +124,9 @@ def linear_head_variances(
     if not isinstance(head, nn.Linear):
         raise ValueError(
             f"linear_head_variances needs an nn.Linear head, got {type(head).__name__}; "
-            "use fishr_lite.grads.per_sample_grads with engine='backpack' or 'functorch'."
+            "use fishr_lite.grads.per_sample_grads with engine='backpack' or 'torch.func'."
         )
+    refuse_torch_func(features, "linear_head_variances")
     residual = head_residuals(head, features, targets, loss, logits)
     variances = {"weight": _WeightVariance.apply(residual, features, centered)}
     if head.bias is not None:

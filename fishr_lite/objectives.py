@@ -5,22 +5,23 @@ Each objective is a small class with ``risks(domains) -> (E,)`` (mean loss per d
 
     loss = objective.risks(batches).mean() + l2 * weight_norm + w * objective.penalty(batches)
 
-``convention`` ("colored_mnist" or "domainbed") picks how penalties are scaled where the
-paper's two official codes differ (V-REx, Fishr); see ``fishr_lite.penalty``.
+``convention`` picks the form of a penalty where the paper's two official codes differ (IRM,
+V-REx, Fishr): ``"domainbed"`` (the default, as everywhere in fishr_lite) or
+``"colored_mnist"`` (the Colored MNIST script's), see ``fishr_lite.penalty``.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fishr_lite.grads import LOSSES, summed_loss
-from fishr_lite.penalty import CONVENTIONS, DomainMovingAverage
-from fishr_lite.penalty import Fishr as FishrPenalty
+from fishr_lite.penalty import CONVENTIONS, DEFAULT_CONVENTION, DomainMovingAverage, check_choice
+from fishr_lite.training import FishrPenalty
 
 
 @dataclass
@@ -38,14 +39,19 @@ def mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
 
 
 class Objective:
-    """Base class: ERM risks and no penalty."""
+    """Base class: ERM risks and no penalty.
+
+    ``convention`` names the form of the penalty where the official codes differ (IRM, V-REx,
+    Fishr); objectives with one form accept it and ignore it.
+    """
 
     name = "erm"
 
-    def __init__(self, head: nn.Module, loss: str = "bce") -> None:
+    def __init__(self, head: nn.Module, loss: str = "bce", convention: str = DEFAULT_CONVENTION) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
-        self.head, self.loss = head, loss
+        check_choice("convention", convention, tuple(CONVENTIONS))
+        self.head, self.loss, self.convention = head, loss, convention
 
     def risks(self, domains: Sequence[DomainBatch]) -> Tensor:
         """(E,) tensor of R_e = mean loss of domain e."""
@@ -61,18 +67,32 @@ class ERM(Objective):
     name = "erm"
 
 
+def _scale_gradient(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
+    """d R(w * s) / dw at w = 1, with R the mean loss of ``logits`` s (kept differentiable)."""
+    scale = torch.ones((), dtype=logits.dtype, device=logits.device, requires_grad=True)
+    (grad,) = torch.autograd.grad(mean_loss(logits * scale, targets, loss), [scale], create_graph=True)
+    return grad
+
+
 class IRM(Objective):
-    """IRMv1: mean_e (dR_e(w * s)/dw at w = 1)^2, a dummy scale on the logits."""
+    """IRMv1, the squared gradient of each domain's risk w.r.t. a dummy scale w on the logits.
+
+    "colored_mnist" (the IRM / Fishr script): mean_e (dR_e/dw)^2 on each domain's whole batch.
+    "domainbed": mean_e (dR_e^a/dw)(dR_e^b/dw), the product of the estimates on the even and
+    odd samples of the batch (an unbiased estimate of the square).
+    """
 
     name = "irm"
 
     def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
         terms = []
         for d in domains:
-            scale = torch.ones((), dtype=d.logits.dtype, device=d.logits.device, requires_grad=True)
-            risk = mean_loss(d.logits * scale, d.targets, self.loss)
-            (grad,) = torch.autograd.grad(risk, [scale], create_graph=True)
-            terms.append(grad.pow(2))
+            if self.convention == "colored_mnist":
+                terms.append(_scale_gradient(d.logits, d.targets, self.loss).pow(2))
+            else:
+                even = _scale_gradient(d.logits[0::2], d.targets[0::2], self.loss)
+                odd = _scale_gradient(d.logits[1::2], d.targets[1::2], self.loss)
+                terms.append(even * odd)
         return torch.stack(terms).mean()
 
 
@@ -85,12 +105,6 @@ class VREx(Objective):
 
     name = "vrex"
 
-    def __init__(self, head: nn.Module, loss: str = "bce", convention: str = "colored_mnist") -> None:
-        super().__init__(head, loss)
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention={convention!r}; use one of {tuple(CONVENTIONS)}.")
-        self.convention = convention
-
     def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
         risks = self.risks(domains)
         variance = (risks - risks.mean()).pow(2).mean()
@@ -100,10 +114,12 @@ class VREx(Objective):
 class FishrObjective(Objective):
     """Fishr: distance between per-domain variances of the head's per-sample gradients.
 
-    Options: ``engine`` (see ``fishr_lite.grads.ENGINES``), ``convention`` (reductions and
-    scaling, see ``fishr_lite.penalty``), ``ema`` (per-domain moving average; defaults to
-    DomainBed's 0.95 under "domainbed", none under "colored_mnist"). Each ``penalty`` call
-    updates the moving average, so call it once per training step.
+    The penalty is that of :class:`fishr_lite.training.FishrPenalty`, with the same options:
+    ``engine`` (see ``fishr_lite.grads.ENGINES``), ``convention`` (reductions and scaling, see
+    ``fishr_lite.penalty``; DomainBed's by default), ``ema`` (per-domain moving average;
+    defaults to DomainBed's 0.95 under "domainbed", none under "colored_mnist"). A penalty
+    computed with gradients recorded advances the moving average, so call it once per
+    training step (under ``torch.no_grad()``, or with ``update=False``, it does not).
     """
 
     name = "fishr"
@@ -114,12 +130,12 @@ class FishrObjective(Objective):
         loss: str = "bce",
         *,
         engine: str = "closed_form",
-        convention: str = "colored_mnist",
+        convention: str = DEFAULT_CONVENTION,
         ema: Optional[float] = None,
         centered: bool = True,
         covariance: str = "diagonal",
     ) -> None:
-        super().__init__(head, loss)
+        super().__init__(head, loss, convention)
         self.fishr = FishrPenalty(head, loss=loss, engine=engine, convention=convention, ema=ema,
                                   centered=centered, covariance=covariance)
 
@@ -132,9 +148,9 @@ class FishrObjective(Objective):
     def moving_average(self) -> Optional[DomainMovingAverage]:
         return self.fishr.moving_average
 
-    def penalty(self, domains: Sequence[DomainBatch]) -> Tensor:
+    def penalty(self, domains: Sequence[DomainBatch], *, update: Optional[bool] = None) -> Tensor:
         return self.fishr.penalty([d.features for d in domains], [d.targets for d in domains],
-                                  logits=[d.logits for d in domains])
+                                  logits=[d.logits for d in domains], update=update)
 
 
 class IGA(Objective):
@@ -182,7 +198,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
 }
 
 
-def make_objective(name: str, head: nn.Module, loss: str = "bce", **options) -> Objective:
+def make_objective(name: str, head: nn.Module, loss: str = "bce", **options: Any) -> Objective:
     """Build the objective called ``name`` (a key of ``OBJECTIVES``) for ``head``."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; use one of {sorted(OBJECTIVES)}.")

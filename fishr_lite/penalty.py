@@ -1,68 +1,116 @@
 """The Fishr penalty: match the per-domain variances of per-sample gradients.
 
-For domain e with per-sample gradients g_i (i in e, n_e of them, scaled by ``grad_scale``) ::
+For domain e with n_e per-sample gradients g_i (the rows of an (n_e, D) matrix) ::
 
-    gbar_e = (1/n_e) sum_i g_i
-    v_e    = (1/n_e) sum_i (g_i - gbar_e)^2                  (covariance="diagonal")
-    V_e    = (1/n_e) sum_i (g_i - gbar_e)(g_i - gbar_e)^T    (covariance="full", per parameter)
-    vbar   = (1/E) sum_e v_e
-    penalty = R_e [ C_k (v_e - vbar)_k^2 ]
+    gbar_e  = (1/n_e) sum_i g_i
+    v_e     = (1/n_e) sum_i (g_i - gbar_e)^2                  covariance="diagonal"
+    V_e     = (1/n_e) sum_i (g_i - gbar_e)(g_i - gbar_e)^T    covariance="full", per tensor
+    m_e    <- ema m_e + (1 - ema) v_e,   v_e <- m_e / (1 - ema)  (optional moving average)
+    vbar    = (1/E) sum_e v_e
+    penalty = R_e C_k (v_e - vbar)_k^2
 
-with R (``domain_reduction``) the sum or mean over the E domains and C
-(``coordinate_reduction``) the sum or mean over all coordinates of all parameters.
-``centered=False`` drops gbar_e (the "notcentered" variant).
+with R the mean (or sum) over the E domains and C the mean (or sum) over the D coordinates
+of all parameters. ``centered=False`` drops gbar_e (the "notcentered" variant).
 
-The two official conventions, as presets of keyword arguments:
+The two official implementations differ in R, C and the moving average (``CONVENTIONS``):
 
-- ``COLORED_MNIST_CONVENTION`` (the paper's Colored MNIST script): sums over coordinates and
-  domains; full covariance divided by n_e * (block size). Gradients are those of the mean
-  loss times the batch size, which is what ``fishr_lite.grads`` returns (``grad_scale=1``).
-- ``DOMAINBED_CONVENTION``: means over coordinates and domains; each v_e goes through a
-  per-domain exponential moving average (``DomainMovingAverage(DOMAINBED_EMA)``). ::
+- ``"domainbed"`` (the default everywhere in fishr_lite; minibatch training): means over
+  coordinates and domains, a moving average with ema = 0.95, full covariance divided by n_e.
+- ``"colored_mnist"`` (the paper's Colored MNIST script; full-batch): sums over coordinates
+  and domains, no moving average, full covariance divided by n_e * D.
 
-    fishr_penalty(grads, sizes, **COLORED_MNIST_CONVENTION)
-    fishr_penalty(grads, sizes, moving_average=ema, **DOMAINBED_CONVENTION)
+Without a moving average (or at its first update, which returns v_e itself) the two differ by
+a constant factor: colored_mnist = E * D * domainbed.
+
+This module is the maths, in order: the plain reference variance, its fast path, the
+per-domain variances (from per-sample gradients or straight from a linear head), the
+distance, the moving average, and :func:`fishr_penalty` which chains them. The stateful
+object for a training loop (schedule, warm-up, optimizer reset) is
+:class:`fishr_lite.training.FishrPenalty`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from fishr_lite.grads import per_sample_grads
-from fishr_lite.blocked import column_variances
+from fishr_lite.blocked import column_variances, under_torch_func
+from fishr_lite.grads import engine_name, per_sample_grads
 from fishr_lite.head_variance import linear_head_variances
 
 Variances = list[dict[str, Tensor]]
+Gradients = Union[dict[str, Tensor], Sequence[dict[str, Tensor]]]
 
-COLORED_MNIST_CONVENTION = MappingProxyType(
-    {
-        "coordinate_reduction": "sum",
-        "domain_reduction": "sum",
-        "grad_scale": 1.0,
-        "full_covariance_divisor": "samples_times_block_size",
-    }
-)
+# --- conventions -------------------------------------------------------------------------
+
 DOMAINBED_CONVENTION = MappingProxyType(
-    {
-        "coordinate_reduction": "mean",
-        "domain_reduction": "mean",
-        "grad_scale": 1.0,
-        "full_covariance_divisor": "samples",
-    }
+    {"coordinate_reduction": "mean", "domain_reduction": "mean", "grad_scale": 1.0,
+     "full_covariance_divisor": "samples"}
 )
+COLORED_MNIST_CONVENTION = MappingProxyType(
+    {"coordinate_reduction": "sum", "domain_reduction": "sum", "grad_scale": 1.0,
+     "full_covariance_divisor": "samples_times_block_size"}
+)
+#: Keyword arguments of :func:`fishr_penalty` for each convention (the default is the first).
+CONVENTIONS: Mapping[str, Mapping] = MappingProxyType(
+    {"domainbed": DOMAINBED_CONVENTION, "colored_mnist": COLORED_MNIST_CONVENTION}
+)
+DEFAULT_CONVENTION = "domainbed"
 DOMAINBED_EMA = 0.95
-CONVENTIONS = {"colored_mnist": COLORED_MNIST_CONVENTION, "domainbed": DOMAINBED_CONVENTION}
+#: The moving average each convention uses when none is named (None: no moving average).
+CONVENTION_EMA: Mapping[str, Optional[float]] = MappingProxyType(
+    {"domainbed": DOMAINBED_EMA, "colored_mnist": None}
+)
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise a ValueError naming the allowed values unless ``value`` is one of them."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; use one of {tuple(choices)}.")
 
+
+def convention_factor(num_domains: int, num_coordinates: int) -> int:
+    """colored_mnist / domainbed = E * D, for the same variances without a moving average."""
+    return num_domains * num_coordinates
+
+
+# --- one domain: variance and covariance of per-sample gradients -------------------------
+
+def reference_variance(g: Tensor, centered: bool = True) -> Tensor:
+    """v = (1/n) sum_i (g_i - gbar)^2 per column of the (n, D) matrix ``g``, written plainly.
+
+    The reference every fast path is tested against; also the path taken where the fast one
+    cannot go (inside ``torch.func`` transforms).
+    """
+    deviation = g - g.mean(dim=0, keepdim=True) if centered else g
+    return deviation.square().mean(dim=0)
+
+
+def gradient_variance(g: Tensor, centered: bool = True) -> Tensor:
+    """:func:`reference_variance`, computed by the row-blocked fast path
+    (:func:`fishr_lite.blocked.column_variances`, float32 accumulation for half precision)
+    except inside ``torch.func`` transforms."""
+    if under_torch_func(g):
+        return reference_variance(g, centered)
+    return column_variances(g, centered)
+
+
+def gradient_covariance(g: Tensor, centered: bool = True, divisor: str = "samples") -> Tensor:
+    """V = sum_i (g_i - gbar)(g_i - gbar)^T / n (``"samples"``) or / (n D)
+    (``"samples_times_block_size"``, the Colored MNIST script's) of the (n, D) matrix ``g``;
+    accumulated in float32 for half precision."""
+    check_choice("full_covariance_divisor", divisor, ("samples", "samples_times_block_size"))
+    with torch.autocast(g.device.type, enabled=False):
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        deviation = g - g.mean(dim=0, keepdim=True) if centered else g
+        n, size = g.shape
+        return deviation.T @ deviation / (n * (size if divisor != "samples" else 1))
+
+
+# --- every domain ------------------------------------------------------------------------
 
 def check_domain_sizes(domain_sizes: Sequence[int], n: int) -> list[int]:
     """Validate that every domain has >= 2 samples and that the sizes add up to ``n``."""
@@ -83,37 +131,39 @@ def check_domain_sizes(domain_sizes: Sequence[int], n: int) -> list[int]:
     return sizes
 
 
-def _split_domains(
-    grads: Union[dict[str, Tensor], Sequence[dict[str, Tensor]]], domain_sizes: Optional[Sequence[int]]
-) -> list[dict[str, Tensor]]:
+def check_rows_per_domain(rows: Sequence[int], domain_sizes: Optional[Sequence[int]]) -> None:
+    """Validate per-domain row counts (>= 2 each), and that ``domain_sizes``, if given, equals them."""
+    sizes = [int(r) for r in rows]
+    check_domain_sizes(sizes, sum(sizes))
+    if domain_sizes is not None and [int(s) for s in domain_sizes] != sizes:
+        raise ValueError(f"domain_sizes {list(domain_sizes)} differ from the per-domain row counts {sizes}.")
+
+
+def split_domains(rows: Tensor, domain_sizes: Optional[Sequence[int]]) -> list[Tensor]:
+    """The rows of concatenated domains, one tensor per domain."""
+    if domain_sizes is None:
+        raise ValueError("concatenated rows need domain_sizes; or pass one tensor (or dict) per domain.")
+    return list(torch.split(rows, check_domain_sizes(domain_sizes, rows.shape[0])))
+
+
+def _per_domain(grads: Gradients, domain_sizes: Optional[Sequence[int]]) -> list[dict[str, Tensor]]:
     """Per-domain dicts, from one dict of concatenated rows + sizes, or from per-domain dicts."""
     if isinstance(grads, dict):
         if not grads:
             raise ValueError("no per-sample gradients given; pass {name: (n, *param.shape)} tensors.")
-        if domain_sizes is None:
-            raise ValueError("concatenated gradients need domain_sizes; or pass one dict per domain.")
         n = next(iter(grads.values())).shape[0]
-        sizes = check_domain_sizes(domain_sizes, n)
         for name, g in grads.items():
             if g.shape[0] != n:
                 raise ValueError(f"grads[{name!r}] has {g.shape[0]} rows, others {n}; pass one row per sample.")
-        split = {name: torch.split(g, sizes) for name, g in grads.items()}
-        return [{name: parts[e] for name, parts in split.items()} for e in range(len(sizes))]
+        split = {name: split_domains(g, domain_sizes) for name, g in grads.items()}
+        return [{name: parts[e] for name, parts in split.items()} for e in range(len(domain_sizes))]
     domains = list(grads)
     check_rows_per_domain([next(iter(d.values())).shape[0] if d else 0 for d in domains], domain_sizes)
     return domains
 
 
-def check_rows_per_domain(rows: Sequence[int], domain_sizes: Optional[Sequence[int]]) -> None:
-    """Validate per-domain row counts (>= 2 each), and that ``domain_sizes``, if given, equals them."""
-    sizes = [int(r) for r in rows]
-    check_domain_sizes(sizes, sum(sizes) if domain_sizes is None else sum(int(s) for s in domain_sizes))
-    if domain_sizes is not None and [int(s) for s in domain_sizes] != sizes:
-        raise ValueError(f"domain_sizes {list(domain_sizes)} differ from the per-domain row counts {sizes}.")
-
-
 def domain_variances(
-    grads: Union[dict[str, Tensor], Sequence[dict[str, Tensor]]],
+    grads: Gradients,
     domain_sizes: Optional[Sequence[int]] = None,
     *,
     centered: bool = True,
@@ -125,47 +175,74 @@ def domain_variances(
 
     ``grads``: one dict whose rows are the domains' samples concatenated in order (then pass
     ``domain_sizes``), or one dict per domain. Diagonal: v_e has the parameter's shape
-    (computed by :func:`fishr_lite.blocked.column_variances`, in cache-sized row blocks). Full:
-    one (D, D) covariance per parameter tensor of D coordinates, divided by n_e
-    (``"samples"``) or n_e * D (``"samples_times_block_size"``, the Colored MNIST script's).
+    (:func:`gradient_variance`). Full: one (D, D) covariance per parameter tensor of D
+    coordinates (:func:`gradient_covariance`). ``grad_scale`` multiplies every g_i first.
     """
-    _check_choice("covariance", covariance, ("diagonal", "full"))
-    _check_choice("full_covariance_divisor", full_covariance_divisor, ("samples", "samples_times_block_size"))
+    check_choice("covariance", covariance, ("diagonal", "full"))
+    check_choice("full_covariance_divisor", full_covariance_divisor, ("samples", "samples_times_block_size"))
     variances: Variances = []
-    for domain in _split_domains(grads, domain_sizes):
+    for domain in _per_domain(grads, domain_sizes):
         out = {}
         for name, g in domain.items():
-            block = g.reshape(g.shape[0], -1)
+            rows = g.reshape(g.shape[0], -1)
             if grad_scale != 1.0:
-                block = block * grad_scale
+                rows = rows * grad_scale
             if covariance == "diagonal":
-                v = column_variances(block, centered).reshape(g.shape[1:])
+                out[name] = gradient_variance(rows, centered).reshape(g.shape[1:])
             else:
-                if centered:
-                    block = block - block.mean(dim=0, keepdim=True)
-                divisor = block.shape[0] * (block.shape[1] if full_covariance_divisor != "samples" else 1)
-                v = block.T @ block / divisor
-            out[name] = _check_finite(name, v)
+                out[name] = gradient_covariance(rows, centered, full_covariance_divisor)
         variances.append(out)
     return variances
 
 
-def _check_finite(name: str, v: Tensor) -> Tensor:
-    # a NaN/Inf in any g_i makes its coordinate of v non-finite: checking v is cheap
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(
-            f"per-sample gradients of {name!r} contain NaN or Inf (or overflow); lower the "
-            "learning rate, check the inputs/targets, or clip the logits."
-        )
-    return v
+def head_variances(
+    head: nn.Module,
+    features: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    *,
+    loss: str = "bce",
+    engine: str = "closed_form",
+    logits: Optional[Sequence[Optional[Tensor]]] = None,
+    centered: bool = True,
+    covariance: str = "diagonal",
+    grad_scale: float = 1.0,
+    full_covariance_divisor: str = "samples",
+) -> Variances:
+    """Per-domain variances of the per-sample gradients of ``loss(head(z_i), y_i)`` w.r.t. the
+    head's parameters, for ``features`` and ``targets`` given one tensor per domain.
 
+    An ``nn.Linear`` head with ``engine="closed_form"`` and a diagonal covariance takes the
+    fused path (:func:`fishr_lite.head_variance.linear_head_variances`: no (n, C, d)
+    per-sample gradients); every other case computes the per-sample gradients with
+    ``engine`` and passes them to :func:`domain_variances`. ``logits``: optional per-domain
+    ``head(features)`` already computed, reused by the closed form.
+    """
+    if len(targets) != len(features):
+        raise ValueError(f"{len(features)} feature tensors but {len(targets)} target tensors; "
+                         "pass one targets tensor per domain.")
+    check_rows_per_domain([len(z) for z in features], None)
+    engine = engine_name(engine)
+    scores = [None] * len(features) if logits is None else list(logits)
+    fused = (engine == "closed_form" and covariance == "diagonal" and isinstance(head, nn.Linear)
+             and not any(under_torch_func(z) for z in features))
+    if fused:
+        return [{name: v * grad_scale ** 2 if grad_scale != 1.0 else v for name, v in
+                 linear_head_variances(head, z, y, loss, centered=centered, logits=s).items()}
+                for z, y, s in zip(features, targets, scores)]
+    grads = [per_sample_grads(head, z, y, loss=loss, engine=engine, logits=s)
+             for z, y, s in zip(features, targets, scores)]
+    return domain_variances(grads, centered=centered, covariance=covariance, grad_scale=grad_scale,
+                            full_covariance_divisor=full_covariance_divisor)
+
+
+# --- between domains ---------------------------------------------------------------------
 
 def variance_distance(
     variances: Variances, *, coordinate_reduction: str = "mean", domain_reduction: str = "mean"
 ) -> Tensor:
     """R_e C_k (v_e - vbar)_k^2 with vbar the mean of the v_e over domains (see module doc)."""
-    _check_choice("coordinate_reduction", coordinate_reduction, ("mean", "sum"))
-    _check_choice("domain_reduction", domain_reduction, ("mean", "sum"))
+    check_choice("coordinate_reduction", coordinate_reduction, ("mean", "sum"))
+    check_choice("domain_reduction", domain_reduction, ("mean", "sum"))
     names = list(variances[0])
     flat = torch.stack([torch.cat([v[name].reshape(-1) for name in names]) for v in variances])
     squared = (flat - flat.mean(dim=0, keepdim=True)).pow(2)
@@ -174,10 +251,14 @@ def variance_distance(
 
 
 class DomainMovingAverage:
-    """Per-domain EMA of the variances, as DomainBed's Fishr.
+    """Per-domain exponential moving average of the variances, as DomainBed's Fishr.
 
     m_e <- ema * m_e_old + (1 - ema) * v_e   (m_e_old = 0 at the first update, kept detached)
     returns m_e / (1 - ema), so the gradient reaching v_e has the same size for every ema.
+
+    The state advances only in a training step: a call under ``torch.no_grad()`` or
+    ``torch.inference_mode()``, or with ``update=False``, returns the same average without
+    storing it (for logging and evaluation).
     """
 
     def __init__(self, ema: float = DOMAINBED_EMA) -> None:
@@ -187,6 +268,7 @@ class DomainMovingAverage:
         self.state: Optional[Variances] = None
 
     def reset(self) -> None:
+        """Forget the average (the next update starts from zero)."""
         self.state = None
 
     def _check(self, variances: Variances) -> None:
@@ -206,7 +288,11 @@ class DomainMovingAverage:
                     f"{shapes_old}; call reset() after changing the head or the covariance type."
                 )
 
-    def update(self, variances: Variances) -> Variances:
+    def __call__(self, variances: Variances, *, update: Optional[bool] = None) -> Variances:
+        """The averaged variances m_e / (1 - ema); stores m_e if ``update`` (default: only
+        when gradients are being recorded, i.e. not under no_grad / inference_mode)."""
+        if update is None:
+            update = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         self._check(variances)
         averaged: Variances = []
         for e, domain in enumerate(variances):
@@ -215,12 +301,49 @@ class DomainMovingAverage:
                 old = self.state[e][name] if self.state is not None else torch.zeros_like(v)
                 out[name] = self.ema * old + (1.0 - self.ema) * v
             averaged.append(out)
-        self.state = [{k: v.detach().clone() for k, v in d.items()} for d in averaged]
+        if update:
+            self.state = [{k: v.detach().clone() for k, v in d.items()} for d in averaged]
         return [{k: v / (1.0 - self.ema) for k, v in d.items()} for d in averaged]
 
 
+# --- the penalty -------------------------------------------------------------------------
+
+def check_finite(penalty: Tensor, variances: Variances) -> Tensor:
+    """Raise if ``penalty`` is NaN or Inf, naming the parameter whose variance is not finite.
+
+    One device synchronisation per call (the bool of one scalar); the per-parameter search
+    runs only on the failure path. Skipped inside ``torch.func`` transforms (no data-dependent
+    control flow there).
+    """
+    if under_torch_func(penalty) or bool(torch.isfinite(penalty)):
+        return penalty
+    culprits = sorted({name for domain in variances for name, v in domain.items()
+                       if not bool(torch.isfinite(v).all())})
+    where = f"the per-sample gradients of {culprits}" if culprits else "the penalty"
+    raise ValueError(
+        f"{where} contain NaN or Inf (or overflow); lower the learning rate, check the "
+        "inputs/targets, or clip the logits."
+    )
+
+
+def averaged_distance(
+    variances: Variances,
+    *,
+    moving_average: Optional[DomainMovingAverage] = None,
+    update: Optional[bool] = None,
+    coordinate_reduction: str = "mean",
+    domain_reduction: str = "mean",
+) -> Tensor:
+    """The last steps of the penalty: the moving average (if any), the distance, the check."""
+    averaged = variances if moving_average is None else moving_average(variances, update=update)
+    penalty = variance_distance(
+        averaged, coordinate_reduction=coordinate_reduction, domain_reduction=domain_reduction
+    )
+    return check_finite(penalty, variances)
+
+
 def fishr_penalty(
-    grads: Union[dict[str, Tensor], Sequence[dict[str, Tensor]]],
+    grads: Gradients,
     domain_sizes: Optional[Sequence[int]] = None,
     *,
     centered: bool = True,
@@ -230,176 +353,39 @@ def fishr_penalty(
     grad_scale: float = 1.0,
     full_covariance_divisor: str = "samples",
     moving_average: Optional[DomainMovingAverage] = None,
+    update: Optional[bool] = None,
 ) -> Tensor:
     """Fishr penalty from per-sample gradients ``{name: (n, *shape)}`` of concatenated domains
-    (with ``domain_sizes``) or from a list of such dicts, one per domain."""
+    (with ``domain_sizes``) or from a list of such dicts, one per domain.
+
+    The keyword defaults are DomainBed's reductions; ``**COLORED_MNIST_CONVENTION`` gives the
+    script's. ``update`` is passed to the moving average (see :class:`DomainMovingAverage`).
+    """
     variances = domain_variances(
-        grads,
-        domain_sizes,
-        centered=centered,
-        covariance=covariance,
-        grad_scale=grad_scale,
+        grads, domain_sizes, centered=centered, covariance=covariance, grad_scale=grad_scale,
         full_covariance_divisor=full_covariance_divisor,
     )
-    return _averaged_distance(variances, moving_average, coordinate_reduction, domain_reduction)
-
-
-def _averaged_distance(
-    variances: Variances,
-    moving_average: Optional[DomainMovingAverage],
-    coordinate_reduction: str,
-    domain_reduction: str,
-) -> Tensor:
-    """The last two steps of the penalty: the moving average (if any), then the distance."""
-    if moving_average is not None:
-        variances = moving_average.update(variances)
-    return variance_distance(
-        variances, coordinate_reduction=coordinate_reduction, domain_reduction=domain_reduction
-    )
-
-
-@dataclass
-class PenaltySchedule:
-    """Penalty weight per step: ``warmup_weight`` before ``warmup_steps``, then ``weight``.
-
-    ``rescale``: divide the whole loss by the weight when it exceeds 1 (Colored MNIST script).
-    """
-
-    weight: float
-    warmup_steps: int = 0
-    warmup_weight: float = 0.0
-    rescale: bool = False
-
-    def __call__(self, step: int) -> float:
-        return self.weight if step >= self.warmup_steps else self.warmup_weight
-
-    def switches_on(self, step: int) -> bool:
-        """True at the step the weight jumps to ``weight`` (never when there is no warm-up)."""
-        return step == self.warmup_steps and self.warmup_steps > 0
-
-    def combine(self, loss: Tensor, penalty: Tensor, step: int) -> Tensor:
-        w = self(step)
-        total = loss + w * penalty
-        return total / w if self.rescale and w > 1.0 else total
-
-
-def colored_mnist_schedule(weight: float = 91257.18613115903, warmup_steps: int = 190) -> PenaltySchedule:
-    """The Colored MNIST script: weight 1 until step 190, then 91257.19, loss divided by it."""
-    return PenaltySchedule(weight, warmup_steps, warmup_weight=1.0, rescale=True)
-
-
-def domainbed_schedule(weight: float = 1000.0, warmup_steps: int = 1500) -> PenaltySchedule:
-    """DomainBed: weight 0 until ``penalty_anneal_iters``, then lambda (Adam re-created then)."""
-    return PenaltySchedule(weight, warmup_steps, warmup_weight=0.0, rescale=False)
-
-
-def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Forget the optimizer's running state (Adam moments, step counts): equivalent to
-    re-creating it with the same parameter groups, as DomainBed does when the penalty starts."""
-    optimizer.state.clear()
-
-
-class Fishr:
-    """Stateful Fishr for a training loop: engine + convention + EMA + schedule + switch hooks.
-
-    >>> fishr = Fishr(head, convention="domainbed", schedule=domainbed_schedule(1000., 1500))
-    >>> fishr.on_switch(lambda: reset_optimizer_state(optimizer))
-    >>> penalty = fishr.penalty([z0, z1], [y0, y1])           # features/targets per domain
-    >>> loss = fishr.total_loss(risk, penalty, step)           # applies the weight, fires hooks
-    """
-
-    def __init__(
-        self,
-        head: nn.Module,
-        *,
-        loss: str = "bce",
-        engine: str = "closed_form",
-        convention: str = "domainbed",
-        ema: Optional[float] = None,
-        centered: bool = True,
-        covariance: str = "diagonal",
-        schedule: Optional[PenaltySchedule] = None,
-    ) -> None:
-        _check_choice("convention", convention, tuple(CONVENTIONS))
-        self.head, self.loss, self.engine = head, loss, engine
-        self.options = dict(CONVENTIONS[convention], centered=centered, covariance=covariance)
-        if ema is None and convention == "domainbed":
-            ema = DOMAINBED_EMA
-        self.moving_average = DomainMovingAverage(ema) if ema else None  # 0: no average
-        self.schedule = schedule or PenaltySchedule(weight=1.0)
-        # closed form + diagonal + linear head: skip the (n, C, d) per-sample gradients
-        self._fused = engine == "closed_form" and covariance == "diagonal" and isinstance(head, nn.Linear)
-        self._switch_hooks: list[Callable[[], None]] = []
-
-    def penalty(
-        self,
-        features: Union[Tensor, Sequence[Tensor]],
-        targets: Union[Tensor, Sequence[Tensor]],
-        domain_sizes: Optional[Sequence[int]] = None,
-        logits: Optional[Sequence[Tensor]] = None,
-    ) -> Tensor:
-        """Penalty for features/targets given per domain (lists) or concatenated + sizes.
-
-        ``logits``: optional per-domain ``head(features)`` already computed by the training
-        loop, which the closed-form engine reuses instead of a second forward of the head.
-        """
-        if isinstance(features, Tensor):
-            if domain_sizes is None:
-                raise ValueError("concatenated features need domain_sizes; or pass one tensor per domain.")
-            y = targets if isinstance(targets, Tensor) else torch.cat(list(targets))
-            grads = per_sample_grads(self.head, features, y, loss=self.loss, engine=self.engine)
-        else:
-            if isinstance(targets, Tensor) or len(targets) != len(features):
-                raise ValueError("pass one targets tensor per domain, matching the list of features.")
-            scores = [None] * len(features) if logits is None else list(logits)
-            if self._fused:
-                return self._fused_penalty(features, targets, scores, domain_sizes)
-            grads = [  # per domain: no concatenation of the (n, d) features
-                per_sample_grads(self.head, z, y, loss=self.loss, engine=self.engine, logits=s)
-                for z, y, s in zip(features, targets, scores)
-            ]
-        return fishr_penalty(grads, domain_sizes, moving_average=self.moving_average, **self.options)
-
-    __call__ = penalty
-
-    def _fused_penalty(self, features, targets, scores, domain_sizes) -> Tensor:
-        """The closed-form path: variances straight from residuals and features."""
-        check_rows_per_domain([len(z) for z in features], domain_sizes)
-        scale, centered = self.options["grad_scale"] ** 2, self.options["centered"]
-        variances = []
-        for z, y, s in zip(features, targets, scores):
-            v = linear_head_variances(self.head, z, y, self.loss, centered=centered, logits=s)
-            variances.append({k: _check_finite(k, x * scale if scale != 1.0 else x) for k, x in v.items()})
-        return _averaged_distance(variances, self.moving_average, self.options["coordinate_reduction"],
-                                  self.options["domain_reduction"])
-
-    def weight(self, step: int) -> float:
-        return self.schedule(step)
-
-    def on_switch(self, hook: Callable[[], None]) -> None:
-        """Call ``hook()`` at the step the penalty weight switches on (e.g. reset Adam)."""
-        self._switch_hooks.append(hook)
-
-    def total_loss(self, loss: Tensor, penalty: Tensor, step: int) -> Tensor:
-        """loss + weight(step) * penalty (rescaled as the schedule says); fires switch hooks."""
-        if self.schedule.switches_on(step):
-            for hook in self._switch_hooks:
-                hook()
-        return self.schedule.combine(loss, penalty, step)
+    return averaged_distance(variances, moving_average=moving_average, update=update,
+                             coordinate_reduction=coordinate_reduction,
+                             domain_reduction=domain_reduction)
 
 
 __all__ = [
     "COLORED_MNIST_CONVENTION",
+    "CONVENTIONS",
+    "CONVENTION_EMA",
+    "DEFAULT_CONVENTION",
     "DOMAINBED_CONVENTION",
     "DOMAINBED_EMA",
     "DomainMovingAverage",
-    "Fishr",
-    "PenaltySchedule",
+    "averaged_distance",
     "check_domain_sizes",
-    "colored_mnist_schedule",
+    "convention_factor",
     "domain_variances",
-    "domainbed_schedule",
     "fishr_penalty",
-    "reset_optimizer_state",
+    "gradient_covariance",
+    "gradient_variance",
+    "head_variances",
+    "reference_variance",
     "variance_distance",
 ]

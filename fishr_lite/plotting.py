@@ -6,6 +6,8 @@ Use ``set_style()`` once per chapter; pick colours by role from :data:`ALGORITHM
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 
@@ -36,7 +38,7 @@ def set_style() -> None:
     })
 
 
-def color_image(image) -> "numpy.ndarray":  # noqa: F821
+def color_image(image: "torch.Tensor | numpy.ndarray") -> "numpy.ndarray":  # noqa: F821
     """Turn a (2, H, W) red/green Colored MNIST image into an (H, W, 3) RGB array in [0, 1]."""
     import numpy as np
 
@@ -46,7 +48,8 @@ def color_image(image) -> "numpy.ndarray":  # noqa: F821
     return rgb
 
 
-def show_grid(images, titles=None, ncols: int = 8, scale: float = 0.9) -> plt.Figure:
+def show_grid(images: Sequence["torch.Tensor"], titles: Sequence[str] | None = None, ncols: int = 8,
+              scale: float = 0.9) -> plt.Figure:
     """Show (2, H, W) Colored MNIST images in a grid, without axes."""
     n = len(images)
     nrows = -(-n // ncols)

@@ -13,7 +13,8 @@ ALLOWED = {
     "blocked": set(),
     "head_variance": {"grads", "blocked"},
     "penalty": {"grads", "head_variance", "blocked"},
-    "objectives": {"grads", "penalty"},
+    "training": {"grads", "penalty"},
+    "objectives": {"grads", "penalty", "training"},
     "diagnostics": {"grads", "penalty"},
     "data": set(),
     "toy": set(),
@@ -21,10 +22,10 @@ ALLOWED = {
     "profiles": set(),
     "plotting": set(),
     "results": {"__init__"},  # reads fishr_lite.__version__ for provenance
-    "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "plotting",
-                    "diagnostics", "__init__"},
-    "domainbed": {"data", "grads", "penalty", "objectives", "profiles", "results", "plotting",
-                  "__init__"},
+    "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training",
+                    "plotting", "diagnostics", "__init__"},
+    "domainbed": {"data", "grads", "penalty", "training", "objectives", "profiles", "results",
+                  "plotting", "__init__"},
 }
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishr_lite.domainbed.algorithms import ERM, Fishr, get_algorithm_class
+from fishr_lite.domainbed.algorithms import ERM, FishrAlgorithm, get_algorithm_class
 
 
 class TinyFeaturizer(nn.Sequential):
@@ -15,6 +15,13 @@ class TinyFeaturizer(nn.Sequential):
 
     def __init__(self):
         super().__init__(nn.Flatten(), nn.Linear(4, 3), nn.Tanh())
+
+
+class WideFeaturizer(nn.Sequential):
+    n_outputs = 8  # DomainBed's nonlinear classifier: 8 -> 4 -> 2 -> classes
+
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(4, 8), nn.Tanh())
 
 
 HP = {"lr": 0.05, "weight_decay": 0.0, "lambda": 50.0, "penalty_anneal_iters": 2, "ema": 0.9}
@@ -34,8 +41,8 @@ def reference_fishr_penalty(featurizer, head, minibatches, ema_state, ema):
         rows = []
         for i in range(len(y)):
             loss = F.cross_entropy(head(z[i:i + 1]), y[i:i + 1], reduction="sum")
-            gw, gb = torch.autograd.grad(loss, [head.weight, head.bias], create_graph=True)
-            rows.append(torch.cat([gw.reshape(-1), gb]))
+            grads = torch.autograd.grad(loss, list(head.parameters()), create_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
         g = torch.stack(rows)
         v = (g - g.mean(0)).pow(2).mean(0)
         old = ema_state[e] if ema_state[e] is not None else torch.zeros_like(v)
@@ -46,9 +53,13 @@ def reference_fishr_penalty(featurizer, head, minibatches, ema_state, ema):
     return (v - v.mean(0)).pow(2).mean(1).mean()
 
 
-def test_fishr_update_matches_reference_including_warmup_and_adam_reset():
+@pytest.mark.parametrize("nonlinear", [False, True])
+def test_fishr_update_matches_reference_including_warmup_and_adam_reset(nonlinear):
     torch.manual_seed(0)
-    algo = Fishr((1, 2, 2), 3, 2, HP, featurizer=TinyFeaturizer()).double()
+    hparams = {**HP, "nonlinear_classifier": nonlinear}
+    featurizer = WideFeaturizer() if nonlinear else TinyFeaturizer()
+    algo = FishrAlgorithm((1, 2, 2), 3, 2, hparams, featurizer=featurizer).double()
+    assert isinstance(algo.classifier, nn.Sequential) == nonlinear
     feat, head = copy.deepcopy(algo.featurizer), copy.deepcopy(algo.classifier)
     params = list(feat.parameters()) + list(head.parameters())
     make_adam = lambda: torch.optim.Adam(params, lr=HP["lr"], weight_decay=0.0)  # noqa: E731
@@ -76,7 +87,7 @@ def test_fishr_update_matches_reference_including_warmup_and_adam_reset():
 def test_fishr_without_adam_reset_would_differ():
     """The test above can fail: skipping the reset changes the parameters."""
     torch.manual_seed(0)
-    a = Fishr((1, 2, 2), 3, 2, HP, featurizer=TinyFeaturizer()).double()
+    a = FishrAlgorithm((1, 2, 2), 3, 2, HP, featurizer=TinyFeaturizer()).double()
     b = copy.deepcopy(a)
     b.fishr._switch_hooks.clear()
     for step in range(4):

@@ -8,7 +8,6 @@ from torch import nn
 
 from fishr_lite.grads import loop_grads
 from fishr_lite.objectives import OBJECTIVES, DomainBatch, make_objective
-from fishr_lite.penalty import COLORED_MNIST_CONVENTION, DOMAINBED_CONVENTION, DomainMovingAverage, fishr_penalty
 
 
 def batches(loss="bce", sizes=(6, 8, 7), d_in=5, d=4, classes=3, seed=0):
@@ -34,47 +33,95 @@ def test_risks_are_mean_losses(loss):
     assert float(make_objective("erm", head, loss).penalty(domains).detach()) == 0.0
 
 
-def test_irm_matches_closed_form_derivative():
+def dummy_scale_gradient(logits, targets, loss):
+    """d/dw of the mean loss of w * logits at w = 1, by autograd, as both official codes."""
+    scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    risk = (F.binary_cross_entropy_with_logits(logits * scale, targets) if loss == "bce"
+            else F.cross_entropy(logits * scale, targets))
+    return torch.autograd.grad(risk, [scale], create_graph=True)[0]
+
+
+def test_irm_script_form_matches_closed_form_derivative():
     _, head, domains = batches("bce")
     # d/dw mean_i BCE(w s_i, y_i) at w = 1 is mean_i (sigmoid(s_i) - y_i) s_i
     expected = torch.stack(
         [((torch.sigmoid(d.logits) - d.targets) * d.logits).mean().pow(2) for d in domains]
     ).mean()
-    torch.testing.assert_close(make_objective("irm", head).penalty(domains), expected)
+    got = make_objective("irm", head, convention="colored_mnist").penalty(domains)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_irm_domainbed_form_is_the_product_of_two_half_batch_estimates(loss):
+    """DomainBed's _irm_penalty: grad on samples 0, 2, 4, ... times grad on 1, 3, 5, ...;
+    summed over domains, then divided by their number."""
+    _, head, domains = batches(loss)
+    total = 0.0
+    for d in domains:
+        g1 = dummy_scale_gradient(d.logits[::2], d.targets[::2], loss)
+        g2 = dummy_scale_gradient(d.logits[1::2], d.targets[1::2], loss)
+        total = total + torch.sum(g1 * g2)
+    expected = total / len(domains)
+    torch.testing.assert_close(make_objective("irm", head, loss).penalty(domains), expected)
+    script = make_objective("irm", head, loss, convention="colored_mnist").penalty(domains)
+    assert not torch.allclose(script, expected)  # the two forms are different estimates
 
 
 def test_vrex_conventions():
     _, head, domains = batches("bce", sizes=(6, 8))
     r = make_objective("erm", head).risks(domains)
-    torch.testing.assert_close(make_objective("vrex", head).penalty(domains), (r[0] - r[1]).pow(2))
-    db = make_objective("vrex", head, convention="domainbed").penalty(domains)
-    torch.testing.assert_close(db, r.var(unbiased=False))
+    torch.testing.assert_close(make_objective("vrex", head).penalty(domains),
+                               ((r[0] - r[1]) / 2).pow(2))  # DomainBed: mean_e (R_e - Rbar)^2
+    script = make_objective("vrex", head, convention="colored_mnist").penalty(domains)
+    torch.testing.assert_close(script, (r[0] - r[1]).pow(2))
 
 
-@pytest.mark.parametrize("engine", ["closed_form", "backpack", "functorch"])
+def plain_fishr(grads, sizes, reduce, centered=True, full=False):
+    """Fishr written out: per-domain (co)variances of each parameter's rows, squared distance
+    to their mean, ``reduce`` ("sum" or "mean") over coordinates and over domains."""
+    per_domain, start = [], 0
+    for n in sizes:
+        parts = []
+        for g in grads.values():
+            rows = g[start:start + n].reshape(n, -1)
+            dev = rows - rows.mean(0) if centered else rows
+            if full:
+                divisor = n * rows.shape[1] if reduce == "sum" else n
+                parts.append((dev.T @ dev / divisor).reshape(-1))
+            else:
+                parts.append(sum(dev[i] ** 2 for i in range(n)) / n)
+        per_domain.append(torch.cat(parts))
+        start += n
+    mean = sum(per_domain) / len(per_domain)
+    distances = [((v - mean) ** 2).sum() if reduce == "sum" else ((v - mean) ** 2).mean() for v in per_domain]
+    return sum(distances) if reduce == "sum" else sum(distances) / len(distances)
+
+
+@pytest.mark.parametrize("engine", ["closed_form", "backpack", "torch.func"])
 @pytest.mark.parametrize(
-    "name, options", [("fishr", {}), ("fishr-notcentered", {"centered": False}), ("fishr-fullcov", {"covariance": "full"})]
+    "name, options", [("fishr", {}), ("fishr-notcentered", {"centered": False}), ("fishr-fullcov", {"full": True})]
 )
 @pytest.mark.parametrize("loss", ["bce", "ce"])
-def test_fishr_objectives_match_loop_reference(engine, name, options, loss):
+def test_fishr_objectives_match_plain_formula_on_loop_gradients(engine, name, options, loss):
     _, head, domains = batches(loss)
-    objective = make_objective(name, head, loss, engine=engine)
+    objective = make_objective(name, head, loss, engine=engine, convention="colored_mnist")
     z = torch.cat([d.features for d in domains])
     y = torch.cat([d.targets for d in domains])
-    grads = loop_grads(head, z, y, loss=loss)
-    expected = fishr_penalty(grads, [6, 8, 7], **options, **COLORED_MNIST_CONVENTION)
+    expected = plain_fishr(loop_grads(head, z, y, loss=loss), [6, 8, 7], "sum", **options)
     torch.testing.assert_close(objective.penalty(domains), expected, rtol=1e-10, atol=1e-14)
 
 
-def test_fishr_domainbed_convention_keeps_an_ema():
+def test_fishr_objective_defaults_to_domainbed_with_its_moving_average():
     featurizer, head, domains = batches("ce")
-    objective = make_objective("fishr", head, "ce", convention="domainbed")
-    reference = DomainMovingAverage(0.95)
+    objective = make_objective("fishr", head, "ce")
+    assert objective.convention == "domainbed" and objective.moving_average.ema == 0.95
     z = torch.cat([d.features for d in domains])
     y = torch.cat([d.targets for d in domains])
-    for _ in range(3):
-        expected = fishr_penalty(loop_grads(head, z, y, loss="ce"), [6, 8, 7], moving_average=reference, **DOMAINBED_CONVENTION)
-        torch.testing.assert_close(objective.penalty(domains), expected)
+    first = plain_fishr(loop_grads(head, z, y, loss="ce"), [6, 8, 7], "mean")
+    torch.testing.assert_close(objective.penalty(domains), first)  # step one: the average is v_e
+    # step two on the same data: m_e = 0.95 * 0.05 v_e + 0.05 v_e, divided by 0.05, is
+    # 1.95 v_e, so the squared distances grow by 1.95^2
+    torch.testing.assert_close(objective.penalty(domains), first * 1.95 ** 2)
 
 
 def test_iga_matches_loop():

@@ -55,6 +55,7 @@ def test_wheel_holds_every_module_and_nothing_else(installed):
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "fishr_lite").rglob("*.py")}
     packaged = {n for n in names if n.endswith(".py")}
     assert packaged == sources
+    assert "fishr_lite/py.typed" in names  # PEP 561: type checkers read the hints
     assert not [n for n in names if n.startswith(("data/", "tests/", "book/"))]
 
 

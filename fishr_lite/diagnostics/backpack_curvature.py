@@ -46,7 +46,7 @@ def _extension(quantity: str, mc_samples: int):
     return cls(mc_samples=mc_samples) if quantity == "ggn_mc" else cls()
 
 
-def unsupported_layers(module: nn.Module, extension) -> list[str]:
+def unsupported_layers(module: nn.Module, extension: object) -> list[str]:
     """Names ``"path (Class)"`` of the leaf modules of ``module`` that ``extension`` cannot handle."""
     known = getattr(extension, "_BackpropExtension__module_extensions", None)
     if known is None:  # private BackPACK attribute moved: rely on BackPACK's own error

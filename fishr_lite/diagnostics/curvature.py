@@ -19,7 +19,7 @@ product estimators in ``fishr_lite.diagnostics.hvp``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -199,7 +199,7 @@ def curvature(
     featurizer: Optional[nn.Module],
     head: nn.Module,
     domains: Sequence[Domain],
-    **options,
+    **options: Any,
 ) -> list[Tensor]:
     """Dispatch by name: one of ``CURVATURES`` ("empirical_fisher", "fisher", "ggn", "hessian")."""
     if name not in CURVATURES:

@@ -7,7 +7,9 @@ convention: gradient of the per-sample loss), i = 1..n_e: ::
     C_e    = (1/n_e) sum_i (g_i - gbar_e)(g_i - gbar_e)^T        (full, D x D)
     v_e    = diag(C_e) = (1/n_e) sum_i (g_i - gbar_e)^2          (diagonal: Fishr's variance)
 
-with the biased 1/n_e normalization Fishr uses.
+with the biased 1/n_e normalization Fishr uses, computed by ``fishr_lite.penalty``'s
+:func:`~fishr_lite.penalty.gradient_variance` and :func:`~fishr_lite.penalty.gradient_covariance`
+(the same code as the penalty's).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fishr_lite.diagnostics.functional import (
     trainable,
 )
 from fishr_lite.grads import per_sample_grads
+from fishr_lite.penalty import gradient_covariance, gradient_variance
 
 
 def per_sample_gradients(
@@ -35,9 +38,9 @@ def per_sample_gradients(
     """(n, D) detached per-sample gradients of ``module``'s trainable parameters.
 
     ``nn.Linear`` uses the closed-form engine of ``fishr_lite.grads``, any other module
-    ``torch.func`` (``engine="functorch"``).
+    ``torch.func`` (``engine="torch.func"``).
     """
-    engine = "closed_form" if isinstance(module, nn.Linear) else "functorch"
+    engine = "closed_form" if isinstance(module, nn.Linear) else "torch.func"
     with torch.enable_grad():
         grads = per_sample_grads(module, inputs, targets, loss=loss, engine=engine)
     return flatten_rows({k: v.detach() for k, v in grads.items()}, module)
@@ -87,12 +90,11 @@ def moments_from_gradients(grads: Tensor, full: bool = True) -> GradientMoments:
     if grads.dim() != 2 or grads.shape[0] == 0:
         raise ValueError(f"expected (n, D) per-sample gradients with n >= 1, got shape {tuple(grads.shape)}.")
     mean = grads.mean(dim=0)
-    centered = grads - mean
-    variance = centered.square().mean(dim=0)
+    variance = gradient_variance(grads)
     covariance = None
     if full:
         check_full_size(grads.shape[1], "gradient covariance")
-        covariance = centered.T @ centered / grads.shape[0]
+        covariance = gradient_covariance(grads)
     return GradientMoments(mean=mean, variance=variance, covariance=covariance, n=grads.shape[0])
 
 

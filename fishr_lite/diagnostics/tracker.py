@@ -151,7 +151,7 @@ class CurvatureTracker:
         """Records of this step if ``step % every == 0``, else ``[]``."""
         return self.measure(step) if step % self.every == 0 else []
 
-    def to_frame(self):
+    def to_frame(self) -> "pandas.DataFrame":
         """The records as a pandas DataFrame with columns step, domain, quantity, value."""
         try:
             import pandas as pd

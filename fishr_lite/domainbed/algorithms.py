@@ -4,13 +4,14 @@
 ``classifier(featurizer(x))`` with Adam (``lr``, ``weight_decay``) on the cross-entropy.
 
 - :class:`ERM`: loss = CE of all domains' samples together.
-- :class:`Fishr` (DomainBed's form, ``algorithms.Fishr``): loss = CE + w(t) * penalty, where the
+- :class:`FishrAlgorithm` (DomainBed's ``algorithms.Fishr``, registered as ``"Fishr"``):
+  loss = CE + w(t) * penalty, where the
   penalty compares per-domain variances of the per-sample gradients of the *classifier only*
   (kept differentiable, so it trains the featurizer), each passed through a per-domain moving
   average (``ema``, divided by 1 - ema); squared distances to their mean are averaged over
   coordinates and domains. w(t) = 0 before ``penalty_anneal_iters`` and ``lambda`` from then
   on; at that step Adam is re-created (its moments forgotten). The penalty itself is
-  :class:`fishr_lite.penalty.Fishr` with the ``"domainbed"`` convention.
+  :class:`fishr_lite.training.FishrPenalty` with the ``"domainbed"`` convention.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fishr_lite.penalty import Fishr as FishrPenalty
-from fishr_lite.penalty import domainbed_schedule
+from fishr_lite.training import FishrPenalty, domainbed_schedule
 
 from .networks import Classifier, Featurizer
 
@@ -55,7 +55,7 @@ class ERM(nn.Module):
             raise ValueError(f"got {len(minibatches)} minibatches for {self.num_domains} training "
                              "domains; pass one (x, y) per training domain.")
 
-    def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
+    def update(self, minibatches: Minibatches, unlabeled: Optional[Minibatches] = None) -> dict[str, float]:
         self._check(minibatches)
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
@@ -69,20 +69,20 @@ class ERM(nn.Module):
         return self.network(x)
 
 
-class Fishr(ERM):
+class FishrAlgorithm(ERM):
     """ERM + lambda * Fishr penalty after ``penalty_anneal_iters`` steps; Adam reset then."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
                  hparams: dict, featurizer: Optional[nn.Module] = None):
         super().__init__(input_shape, num_classes, num_domains, hparams, featurizer)
-        engine = "closed_form" if isinstance(self.classifier, nn.Linear) else "functorch"
+        engine = "closed_form" if isinstance(self.classifier, nn.Linear) else "torch.func"
         self.fishr = FishrPenalty(
             self.classifier, loss="ce", engine=engine, convention="domainbed", ema=hparams["ema"],
             schedule=domainbed_schedule(hparams["lambda"], int(hparams["penalty_anneal_iters"])))
         self.fishr.on_switch(self._init_optimizer)
         self.register_buffer("update_count", torch.tensor([0]))
 
-    def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
+    def update(self, minibatches: Minibatches, unlabeled: Optional[Minibatches] = None) -> dict[str, float]:
         self._check(minibatches)
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
@@ -97,7 +97,7 @@ class Fishr(ERM):
         return {"loss": objective.item(), "nll": nll.item(), "penalty": penalty.item()}
 
 
-ALGORITHM_CLASSES: dict[str, type[ERM]] = {"ERM": ERM, "Fishr": Fishr}
+ALGORITHM_CLASSES: dict[str, type[ERM]] = {"ERM": ERM, "Fishr": FishrAlgorithm}
 
 
 def get_algorithm_class(name: str) -> type[ERM]:

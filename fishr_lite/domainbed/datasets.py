@@ -30,7 +30,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,7 +89,8 @@ class MultipleEnvironmentMNIST(MultipleDomainDataset):
         super().__init__([self.make_environment(images[i::n], labels[i::n], p, generator, max_per_env)
                           for i, p in enumerate(parameters)])
 
-    def make_environment(self, images, labels, parameter, generator, max_per_env) -> TensorDataset:
+    def make_environment(self, images: torch.Tensor, labels: torch.Tensor, parameter: float,
+                         generator: torch.Generator, max_per_env: Optional[int]) -> TensorDataset:
         raise NotImplementedError
 
 
@@ -99,10 +100,11 @@ class ColoredMNIST(MultipleEnvironmentMNIST):
     ENVIRONMENTS = DATASET_ENVIRONMENTS["ColoredMNIST"]
     input_shape, num_classes = (2, 28, 28), 2
 
-    def __init__(self, seed: int = 0, max_per_env: Optional[int] = None, root=None):
+    def __init__(self, seed: int = 0, max_per_env: Optional[int] = None, root: Optional[str] = None):
         super().__init__([0.1, 0.2, 0.9], seed, max_per_env, root)
 
-    def make_environment(self, images, labels, color_flip, generator, max_per_env):
+    def make_environment(self, images: torch.Tensor, labels: torch.Tensor, color_flip: float,
+                         generator: torch.Generator, max_per_env: Optional[int]) -> TensorDataset:
         labels = (labels < 5).float()
         labels = (labels - _bernoulli(0.25, len(labels), generator)).abs()
         colors = (labels - _bernoulli(color_flip, len(labels), generator)).abs()
@@ -129,10 +131,11 @@ class RotatedMNIST(MultipleEnvironmentMNIST):
     ENVIRONMENTS = DATASET_ENVIRONMENTS["RotatedMNIST"]
     input_shape, num_classes = (1, 28, 28), 10
 
-    def __init__(self, seed: int = 0, max_per_env: Optional[int] = None, root=None):
+    def __init__(self, seed: int = 0, max_per_env: Optional[int] = None, root: Optional[str] = None):
         super().__init__([0, 15, 30, 45, 60, 75], seed, max_per_env, root)
 
-    def make_environment(self, images, labels, angle, generator, max_per_env):
+    def make_environment(self, images: torch.Tensor, labels: torch.Tensor, angle: float,
+                         generator: torch.Generator, max_per_env: Optional[int]) -> TensorDataset:
         k = len(labels) if max_per_env is None else min(max_per_env, len(labels))
         x = rotate(images[:k, None].float().div_(255.0), angle)
         return TensorDataset(x, labels[:k])
@@ -241,7 +244,7 @@ DATASET_CLASSES: dict[str, type[MultipleDomainDataset]] = {
 }
 
 
-def get_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0, test_envs=(),
+def get_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0, test_envs: Sequence[int] = (),
                 hparams: Optional[dict] = None, max_per_env: Optional[int] = None) -> MultipleDomainDataset:
     """Build dataset ``name`` as DomainBed's ``train.py`` does (MNIST ones from the shipped MNIST;
     image folders from ``data_dir``, augmented when ``hparams["data_augmentation"]``)."""

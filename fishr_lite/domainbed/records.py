@@ -62,7 +62,7 @@ class SweepRecords:
             f"{self.n_incomplete_runs} incomplete runs (no '{DONE_FILE}' marker)"
         )
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> "pandas.DataFrame":
         """One row per record; ``args`` and ``hparams`` flattened to ``args.x``, ``hparams.y``."""
         import pandas as pd
 

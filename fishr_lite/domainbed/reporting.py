@@ -70,7 +70,7 @@ class Table:
             return "X"
         return f"{mean:.1f}" if err is None else f"{mean:.1f}{pm}{err:.1f}"
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> "pandas.DataFrame":
         """The table as displayed: algorithms x columns of formatted strings."""
         import pandas as pd
 
@@ -193,7 +193,7 @@ class SweepReport:
             out += [r"\bottomrule", r"\end{tabular}}", r"\end{center}"]
         return "\n".join(out) + "\n\n% " + self.footer() + "\n"
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> "pandas.DataFrame":
         """Long form: table, selection, algorithm, column, mean, err, n_trials (percent)."""
         import pandas as pd
 

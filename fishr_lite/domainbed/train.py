@@ -67,7 +67,7 @@ def infinite_minibatches(split: Dataset, batch_size: int, generator: torch.Gener
 
 
 @torch.no_grad()
-def accuracy(algorithm, split: Dataset, device: torch.device, batch_size: int = 1024) -> float:
+def accuracy(algorithm: torch.nn.Module, split: Dataset, device: torch.device, batch_size: int = 1024) -> float:
     """Fraction of correct predictions: argmax of the logits (sign of a single logit)."""
     algorithm.eval()
     tensors = _tensors(split) if isinstance(split, Subset) else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -22,7 +22,7 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
-def progress_bar(iterable: Iterable[T], enabled: bool | None = None, **kwargs) -> Iterable[T]:
+def progress_bar(iterable: Iterable[T], enabled: bool | None = None, **kwargs: Any) -> Iterable[T]:
     """``tqdm(iterable)`` when progress is enabled (see :func:`progress_enabled`) and tqdm is
     installed, else ``iterable`` itself."""
     if enabled is None:

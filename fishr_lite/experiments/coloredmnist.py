@@ -14,9 +14,11 @@ script (Arjovsky et al., 2019) plus the Fishr penalty:
 - 501 steps; the reported accuracies (train = mean over the two training environments, test
   e = 0.9, grayscale test) are those of the model at the last step, before its update.
 
-Every algorithm is an objective of :func:`fishr_lite.objectives.make_objective`; Fishr uses
-the script's convention (gradients of the mean loss times the batch size, no moving average,
-squared L2 summed over coordinates and over the two domains) on the head only.
+Every algorithm is an objective of :func:`fishr_lite.objectives.make_objective` in the
+script's convention (``convention="colored_mnist"``): IRM's squared gradient on each domain's
+whole batch, V-REx's (R_0 - R_1)^2, and Fishr's gradients of the mean loss times the batch size,
+no moving average, squared L2 summed over coordinates and over the two domains, on the head
+only. The weight w(t) is :func:`fishr_lite.training.colored_mnist_schedule`.
 
 Seeding: the script seeds once (seed 0) and lets its restarts draw from one continuing random
 stream; here restart r seeds its own data (``colored_mnist(seed=r)``) and its own model
@@ -55,9 +57,10 @@ from torch import nn
 
 from fishr_lite.data import Environment, colored_mnist
 from fishr_lite.experiments import progress_bar
-from fishr_lite.objectives import DomainBatch, make_objective
+from fishr_lite.objectives import DomainBatch, Objective, make_objective
 from fishr_lite.profiles import current_profile, default_device
 from fishr_lite.results import ResultsCache
+from fishr_lite.training import PenaltySchedule, colored_mnist_schedule
 
 EXPERIMENT = "coloredmnist"
 ALGORITHMS = ("erm", "irm", "vrex", "fishr", "fishr-notcentered", "fishr-fullcov")
@@ -65,11 +68,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"fraction": 1.0, "restarts": 10},
     "quick": {"fraction": 0.2, "hidden_dim": 64, "restarts": 2},
 }
-#: Penalties recorded in every history, whatever the algorithm trains (as the script prints).
-MONITORED_PENALTIES: dict[str, dict[str, Any]] = {
-    "fishr": {"convention": "colored_mnist"}, "vrex": {"convention": "colored_mnist"}, "irm": {}}
-#: Options that make V-REx and the Fishr variants follow the Colored MNIST script's convention.
+#: Options that make IRM, V-REx and the Fishr variants follow the Colored MNIST script.
 SCRIPT_CONVENTION: dict[str, Any] = {"convention": "colored_mnist"}
+#: Penalties recorded in every history, whatever the algorithm trains (as the script prints).
+MONITORED_PENALTIES: tuple[str, ...] = ("fishr", "vrex", "irm")
 
 
 @dataclass
@@ -137,11 +139,9 @@ def make_model(config: Config, device: torch.device | str = "cpu") -> MLP:
     return model.to(device)
 
 
-def make_run_objective(config: Config, head: nn.Module):
-    """The algorithm's objective on ``head``; V-REx and Fishr in the script's convention."""
-    options = dict(config.objective_options)
-    if config.algorithm == "vrex" or config.algorithm.startswith("fishr"):
-        options = {**SCRIPT_CONVENTION, **options}
+def make_run_objective(config: Config, head: nn.Module) -> Objective:
+    """The algorithm's objective on ``head``, its penalty in the script's convention."""
+    options = {**SCRIPT_CONVENTION, **config.objective_options}
     return make_objective(config.algorithm, head, loss="bce", **options)
 
 
@@ -159,11 +159,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return ((logits > 0).float() == labels).float().mean().item()
 
 
-def penalty_weight_at(config: Config, step: int) -> float:
-    """w(t) = 1 before ``penalty_anneal_iters``, then ``penalty_weight``; 0 for ERM."""
+def penalty_schedule(config: Config) -> PenaltySchedule:
+    """w(t) = 1 before ``penalty_anneal_iters``, then ``penalty_weight``, the loss divided by
+    w(t) when it exceeds 1 (the script's); always 0 for ERM."""
     if config.algorithm == "erm":
-        return 0.0
-    return config.penalty_weight if step >= config.penalty_anneal_iters else 1.0
+        return PenaltySchedule(weight=0.0)
+    return colored_mnist_schedule(config.penalty_weight, config.penalty_anneal_iters)
 
 
 def total_loss(config: Config, model: nn.Module, train_nll: torch.Tensor,
@@ -172,10 +173,7 @@ def total_loss(config: Config, model: nn.Module, train_nll: torch.Tensor,
     the norm (biases included, as the script) and no penalty nor division for ERM."""
     weight_norm = sum(p.pow(2).sum() for p in model.parameters())
     loss = train_nll + config.l2_weight * weight_norm
-    w = penalty_weight_at(config, step)
-    if w > 0:
-        loss = loss + w * penalty
-    return loss / w if w > 1 else loss
+    return penalty_schedule(config).combine(loss, penalty, step)
 
 
 def train(
@@ -219,8 +217,8 @@ def train(
     model = make_model(config, device)
     objective = make_run_objective(config, model.head)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    monitors = {f"{name}_penalty": make_objective(name, model.head, loss="bce", **options)
-                for name, options in MONITORED_PENALTIES.items()}
+    monitors = {f"{name}_penalty": make_objective(name, model.head, loss="bce", **SCRIPT_CONVENTION)
+                for name in MONITORED_PENALTIES}
     history: dict[str, list] = {key: [] for key in (
         "step", "train_nll", "train_acc", "test_acc", "gray_test_acc", "penalty", *monitors)}
     diagnostics: list = []
@@ -357,7 +355,7 @@ def _config_columns(config: dict) -> dict[str, Any]:
     return flat
 
 
-def summarize(records: Sequence[dict]):
+def summarize(records: Sequence[dict]) -> "pandas.DataFrame":
     """Mean ± std over restarts of the final accuracies, in %: a pandas DataFrame.
 
     One row per configuration up to the restart, indexed by ``algorithm``, ``label_flip`` and
@@ -381,7 +379,7 @@ def summarize(records: Sequence[dict]):
     return table
 
 
-def histories(records: Sequence[dict]):
+def histories(records: Sequence[dict]) -> "pandas.DataFrame":
     """Every record's history in long form, one row per logged step (the columns of
     :func:`train`'s history) with its configuration's fields as further columns
     (``algorithm``, ``restart``, ``label_flip``, ...)."""
@@ -392,7 +390,7 @@ def histories(records: Sequence[dict]):
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def format_table(table) -> str:
+def format_table(table: "pandas.DataFrame") -> str:
     """The summary as text: one line per row of :func:`summarize`, ``mean ± std`` in %."""
     names = list(table.index.names)
     header = f"{' / '.join(names):<32} {'n':>3}  {'train acc':>13}  {'test acc':>13}  {'gray test acc':>13}"

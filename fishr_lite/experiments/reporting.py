@@ -27,7 +27,7 @@ PUBLISHED_TABLE2 = PACKAGE_DIR.parent / "data" / "published" / "coloredmnist_tab
 METRIC_NAMES = {"train_acc": "train", "test_acc": "test", "gray_test_acc": "gray test"}
 
 
-def published_table2(path: str | Path | None = None):
+def published_table2(path: str | Path | None = None) -> "pandas.DataFrame":
     """Table 2 of the Fishr paper as a DataFrame indexed by algorithm (accuracies in %)."""
     pd = cm._pandas()
     path = Path(path) if path is not None else PUBLISHED_TABLE2
@@ -71,7 +71,8 @@ def restarts_per_algorithm(records: Sequence[dict]) -> dict[str, list[int]]:
     return {a: sorted(v) for a, v in found.items()}
 
 
-def beside_published(summary, published, metrics: Sequence[str] = tuple(METRIC_NAMES)):
+def beside_published(summary: "pandas.DataFrame", published: "pandas.DataFrame",
+                     metrics: Sequence[str] = tuple(METRIC_NAMES)) -> "pandas.DataFrame":
     """One row per algorithm of ``summary`` (from ``coloredmnist.summarize``, one label flip):
     ``restarts``, then for each metric ``"<metric> ours"`` and ``"<metric> paper"`` as
     ``"mean ± std"`` strings (``"-"`` where the paper has no number)."""
@@ -103,7 +104,8 @@ def _labeller(label: str | Labeller) -> Labeller:
     return lambda record: str(record["config"][label])
 
 
-def curve_bands(records: Sequence[dict], metric: str, label: str | Labeller = "algorithm"):
+def curve_bands(records: Sequence[dict], metric: str,
+                label: str | Labeller = "algorithm") -> "pandas.DataFrame":
     """Per (label, step): ``mean``, ``min``, ``max`` and ``n`` (restarts) of ``metric`` in the
     histories; ``label`` is a config field or a function of the record (default algorithm)."""
     pd = cm._pandas()
@@ -125,7 +127,8 @@ def curve_bands(records: Sequence[dict], metric: str, label: str | Labeller = "a
 
 def plot_curves(records: Sequence[dict], metrics: Sequence[str] = ("test_acc", "fishr_penalty"),
                 label: str | Labeller = "algorithm", colors: dict[str, str] | None = None,
-                axes=None, anneal_step: int | None = None):
+                axes: Sequence["matplotlib.axes.Axes"] | None = None,
+                anneal_step: int | None = None) -> "matplotlib.figure.Figure":
     """One panel per metric against the step: mean over restarts (line), min-max (band).
 
     Accuracies are shown in %, penalties on a log scale; ``anneal_step`` draws a dotted line
