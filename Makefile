@@ -6,11 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test unit notebooks book-strict site-check colab-path pdf bench clean help execute
+.PHONY: book test prerequisites unit notebooks book-strict site-check colab-path pdf bench clean help execute
 help:
 	@echo "make book   - build the HTML book into _build/html (stored outputs, no re-execution)"
 	@echo "make test   - unit tests, nbval over every chapter (quick profile), strict book build,"
-	@echo "              site check in headless chromium, Colab-path test"
+	@echo "              site check in headless chromium, Colab-path test (checks chromium and"
+	@echo "              npm first: installs them as root with apt, else prints the command)"
+	@echo "make unit   - the unit tests alone; FAST=1 skips the slow ones (pytest -m 'not slow')"
 	@echo "make site-check - strict build, then every page rendered in Debian's chromium: images,"
 	@echo "              internal links and math checked, screenshots in _build/screenshots"
 	@echo "make colab-path - a chapter's setup cell run as on Colab, in a fresh virtual environment"
@@ -35,7 +37,7 @@ book: $(STAMP)
 	@echo "Open _build/html/index.html"
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q $(if $(FAST),-m "not slow")
 
 notebooks: $(STAMP)
 	FISHR_PROFILE=quick $(BIN)/python tests/run_notebooks.py
@@ -54,7 +56,10 @@ site-check: book-strict $(MATHJAX)
 colab-path: $(STAMP)
 	$(BIN)/python tests/check_colab_path.py
 
-test: unit notebooks book-strict site-check colab-path
+prerequisites:
+	@bash tests/check_prerequisites.sh
+
+test: prerequisites unit notebooks book-strict site-check colab-path
 
 pdf: $(STAMP)
 	$(BIN)/jupyter-book build . --builder pdflatex
