@@ -41,12 +41,12 @@ import functools
 import math
 import shlex
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from fishr_lite import diagnostics as dx
-from fishr_lite.diagnostics.functional import flat_parameters, mean_loss_function
+from fishr_lite.diagnostics.functional import Domain, flat_parameters, mean_loss_function
 from fishr_lite.experiments import coloredmnist as cm
 from fishr_lite.experiments import progress_bar
 from fishr_lite.profiles import default_device
@@ -66,7 +66,9 @@ DIAGNOSTICS: dict[str, Any] = {
 HEAD_CURVATURES = ["grad_variance", "empirical_fisher", "fisher", "hessian"]
 
 
-def head_curvatures(model, domains):
+def head_curvatures(
+    model: cm.MLP, domains: Sequence[Domain]
+) -> tuple[dict[str, list[torch.Tensor]], list[dx.GradientMoments]]:
     """Per domain: v_e (diagonal), empirical and true Fisher, Hessian of the head."""
     args = (model.featurizer, model.head, domains)
     moments = dx.gradient_moments(*args, full=False)
@@ -75,7 +77,8 @@ def head_curvatures(model, domains):
             "fisher": dx.fisher(*args), "hessian": dx.hessian(*args)}, moments
 
 
-def head_records(step, model, domains, settings):
+def head_records(step: int, model: cm.MLP, domains: Sequence[Domain],
+                 settings: dict[str, Any]) -> list[dict]:
     """Distances between the domains' head curvatures, risks and the inconsistency score."""
     curv, _ = head_curvatures(model, domains)
     risks = dx.domain_risks(model.featurizer, model.head, domains)
@@ -94,7 +97,8 @@ def head_records(step, model, domains, settings):
                    for name, r in zip(NAMES, risks)]
 
 
-def final_records(step, model, domains, settings):
+def final_records(step: int, model: cm.MLP, domains: Sequence[Domain],
+                  settings: dict[str, Any]) -> list[dict]:
     """Per domain at the final weights: head diagonals and matrices, and loss slices."""
     curv, moments = head_curvatures(model, domains)
     _, vectors = torch.linalg.eigh(sum(curv["hessian"]) / len(domains))
@@ -121,7 +125,8 @@ def final_records(step, model, domains, settings):
     return rows
 
 
-def network_records(step, model, domains, settings):
+def network_records(step: int, model: cm.MLP, domains: Sequence[Domain],
+                    settings: dict[str, Any]) -> list[dict]:
     """Per domain, the top eigenvalues of the whole network's Hessian (Lanczos)."""
     tops = dx.top_eigenvalues(model.featurizer, model.head, domains,
                               k=settings["top_k"], iterations=settings["lanczos_steps"])
@@ -130,7 +135,7 @@ def network_records(step, model, domains, settings):
             for name, top in zip(NAMES, tops) for k, value in enumerate(top)]
 
 
-def curvature_callback(settings, steps):
+def curvature_callback(settings: dict[str, Any], steps: int) -> Callable[..., list[dict]]:
     """callback(step, model, environments) for cm.train: the records listed above."""
     last = steps - 1
     head_steps = {s for s in range(0, steps, settings["every"])} | {last}
@@ -151,7 +156,8 @@ def curvature_callback(settings, steps):
     return callback
 
 
-def train_with_diagnostics(config, device=None):
+def train_with_diagnostics(config: dict[str, Any],
+                           device: torch.device | str | None = None) -> dict[str, Any]:
     """:func:`~fishr_lite.experiments.coloredmnist.train` with the callback of
     ``config["diagnostics"]``; the result's ``"diagnostics"`` holds its records."""
     callback = curvature_callback(config["diagnostics"], config["steps"])
@@ -204,7 +210,7 @@ def command(profile: str = "paper", restarts: int = RESTARTS, out: str = "data/r
                        "--restarts", str(restarts), "--out", out])
 
 
-def frames(records: Sequence[dict]):
+def frames(records: Sequence[dict]) -> tuple["pandas.DataFrame", "pandas.DataFrame"]:
     """``(scalars, arrays)``: the records' diagnostics as two pandas DataFrames, one row per
     diagnostic record (``step``, ``quantity``, ``domain``, ``value``) with the run's
     ``algorithm`` and ``restart``; ``arrays`` holds the list values."""
@@ -220,7 +226,7 @@ FINAL = ["grad_variance_distance", "empirical_fisher_distance", "hessian_distanc
          "risk_gap", "inconsistency"]
 
 
-def final_table(records: Sequence[dict]):
+def final_table(records: Sequence[dict]) -> "pandas.DataFrame":
     """One row per (algorithm, restart): test accuracy (%); at the last step the head
     distances, risk gap and inconsistency score of :data:`FINAL`, and ``network_gap``, the
     relative gap 2|λ_A − λ_B| / (λ_A + λ_B) of the domains' top whole-network eigenvalues;
