@@ -3,7 +3,7 @@ each took.
 
 A chapter is checked strictly (outputs must match the stored ones, after the substitutions of
 ``tests/nbval_sanitize.cfg``) unless its notebook metadata says ``"fishr": {"nbval": "lax"}``;
-lax chapters only need to run without error, and cells tagged ``# NBVAL_CHECK_OUTPUT`` are
+lax chapters only need to run without error, and cells tagged ``nbval-check-output`` are
 still compared. Experiments run in the quick profile and write their records to a temporary
 cache, so CI always trains for real. Usage: ``python tests/run_notebooks.py [book/NN_x.ipynb ...]``.
 """

@@ -50,6 +50,11 @@ def test_chapter_hygiene(path):
         f"{name}: the first cell needs a Colab badge pointing at this notebook")
     assert "Learning objectives" in first and "Run time" in first
     assert "google.colab" in "".join(cells[1]["source"]), f"{name}: second cell is the setup cell"
+    assert "hide-input" in cells[1]["metadata"].get("tags", []), (
+        f"{name}: the setup cell is collapsed on the page; run tests/update_setup_cells.py")
+    assert not any("NBVAL_" in "".join(c["source"]) for c in cells), (
+        f"{name}: nbval markers are cell tags (nbval-check-output), not visible comments; "
+        "run tests/update_setup_cells.py")
     assert any(c["cell_type"] == "markdown" and "{admonition} Takeaways" in "".join(c["source"])
                for c in cells), f"{name}: needs a takeaways box (```{{admonition}} Takeaways)"
     code = [c for c in cells if c["cell_type"] == "code"]

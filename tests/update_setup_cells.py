@@ -1,4 +1,7 @@
-"""Rewrite the setup cell (cell 1) of every chapter book/NN_*.ipynb with the same text.
+"""Rewrite the setup cell (cell 1) of every chapter book/NN_*.ipynb with the same text, tagged
+``hide-input`` (collapsed on the rendered page; Colab shows it as it is), and turn any
+``# NBVAL_CHECK_OUTPUT`` comment into the cell tag ``nbval-check-output``, which nbval reads
+the same way and readers never see.
 
 Idempotent. Run from the repository root: ``python tests/update_setup_cells.py [book/NN_x.ipynb ...]``
 (no arguments: every chapter).
@@ -14,6 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path.cwd()
+
+SETUP_TAG = "hide-input"
+MARKER, MARKER_TAG = "# NBVAL_CHECK_OUTPUT", "nbval-check-output"
 
 SETUP_CELL = '''\
 # Setup: on Colab only, install fishr_lite from the book's repository at
@@ -53,6 +59,24 @@ def release_ref() -> str:
     return "v" + version.group(1)
 
 
+def add_tag(cell: dict, tag: str) -> None:
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
+
+
+def markers_to_tag(cell: dict) -> None:
+    """``# NBVAL_CHECK_OUTPUT`` (a line of the source) -> the tag ``nbval-check-output``."""
+    lines = "".join(cell["source"]).splitlines(keepends=True)
+    if cell["cell_type"] != "code" or not any(line.strip() == MARKER for line in lines):
+        return
+    kept = [line for line in lines if line.strip() != MARKER]
+    while kept and not kept[0].strip():
+        kept.pop(0)  # the blank line that followed the marker
+    cell["source"] = "".join(kept).rstrip("\n").splitlines(keepends=True)
+    add_tag(cell, MARKER_TAG)
+
+
 def main(argv: list[str]) -> int:
     text = SETUP_CELL.format(ref=release_ref())
     chapters = [Path(a).resolve() for a in argv] or sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
@@ -67,6 +91,9 @@ def main(argv: list[str]) -> int:
             bad.append(path.name)
             continue
         cell["source"] = text.splitlines(keepends=True)
+        add_tag(cell, SETUP_TAG)
+        for other in nb["cells"]:
+            markers_to_tag(other)
         new = json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         if new != raw:
             path.write_text(new)
