@@ -119,4 +119,4 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="training domains"):
         algo.update([(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))])
     with pytest.raises(ValueError, match="unknown algorithm"):
-        get_algorithm_class("IRM")
+        get_algorithm_class("DANN")

@@ -3,10 +3,19 @@
 Each hyperparameter has a default and a random draw; the draw for ``name`` uses its own
 ``np.random.RandomState(seed_hash(seed, name))``, so adding a hyperparameter never changes the
 others. A run with ``hparams_seed == 0`` uses the defaults; otherwise the draws with
-``seed = seed_hash(hparams_seed, trial_seed)``. Fishr: lambda = 10^U(1, 4) (default 1000),
-penalty_anneal_iters = int(U(0, 5000)) (default 1500), ema = U(0.90, 0.99) (default 0.95).
-Only the algorithms of :mod:`.algorithms` plus IRM and VREx (for their published tables) are
-listed.
+``seed = seed_hash(hparams_seed, trial_seed)``. Algorithm-specific (default; random draw),
+as DomainBed's ``hparams_registry.py`` (read at commit 04cfc61):
+
+- Fishr: lambda 1000; 10^U(1, 4). penalty_anneal_iters 1500; int(U(0, 5000)). ema 0.95;
+  U(0.90, 0.99).
+- IRM: irm_lambda 1e2; 10^U(-1, 5). irm_penalty_anneal_iters 500; int(10^U(0, 4)).
+- VREx: vrex_lambda 1e1; 10^U(-1, 5). vrex_penalty_anneal_iters 500; int(10^U(0, 4)).
+- CORAL, MMD: mmd_gamma 1; 10^U(-1, 1). GroupDRO: groupdro_eta 1e-2; 10^U(-3, -1).
+- Mixup: mixup_alpha 0.2; 10^U(-1, 1). Fish: meta_lr 0.5; one of 0.05, 0.1, 0.5.
+- IGA: penalty 1000; 10^U(1, 5). ANDMask: tau 1; U(0.5, 1).
+- SANDMask: tau 1.0; U(0, 1). k 10; 10^U(-3, 5).
+
+The algorithms are those of :mod:`.algorithms`.
 """
 
 from __future__ import annotations
@@ -34,12 +43,27 @@ def _registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Callable[[np
         h["lambda"] = (1000.0, lambda r: float(10 ** r.uniform(1.0, 4.0)))
         h["penalty_anneal_iters"] = (1500, lambda r: int(r.uniform(0.0, 5000.0)))
         h["ema"] = (0.95, lambda r: float(r.uniform(0.90, 0.99)))
+    elif algorithm == "Fish":
+        h["meta_lr"] = (0.5, lambda r: float(r.choice([0.05, 0.1, 0.5])))
     elif algorithm == "IRM":
         h["irm_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
         h["irm_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+    elif algorithm == "Mixup":
+        h["mixup_alpha"] = (0.2, lambda r: float(10 ** r.uniform(-1, 1)))
+    elif algorithm == "GroupDRO":
+        h["groupdro_eta"] = (1e-2, lambda r: float(10 ** r.uniform(-3, -1)))
+    elif algorithm in ("MMD", "CORAL"):
+        h["mmd_gamma"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "VREx":
         h["vrex_lambda"] = (1e1, lambda r: float(10 ** r.uniform(-1, 5)))
         h["vrex_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+    elif algorithm == "ANDMask":
+        h["tau"] = (1, lambda r: float(r.uniform(0.5, 1.0)))
+    elif algorithm == "IGA":
+        h["penalty"] = (1000, lambda r: float(10 ** r.uniform(1, 5)))
+    elif algorithm == "SANDMask":
+        h["tau"] = (1.0, lambda r: float(r.uniform(0.0, 1.0)))
+        h["k"] = (1e1, lambda r: float(10 ** r.uniform(-3, 5)))
     if small:
         h["lr"] = (1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)))
         h["weight_decay"] = (0.0, lambda r: 0.0)
