@@ -73,3 +73,9 @@ clean:
 # Refresh stored outputs: make execute NB=book/00_colored_mnist_data.ipynb
 execute: $(STAMP)
 	$(BIN)/python tests/execute_notebooks.py $(NB)
+
+# The student edition: every chapter with its solutions replaced by empty answer cells and its
+# outputs stripped, in _build/student/book/ (published on the branch `student`).
+.PHONY: student
+student:
+	$(PYTHON) tools/student_edition.py
