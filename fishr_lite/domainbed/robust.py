@@ -1,6 +1,6 @@
 """Robustness across domains, with DomainBed's update rules: GroupDRO, Mixup, Fish.
 
-- :class:`GroupDRO` (Sagani et al. 2020, Algorithm 1): a weight q_e per domain, kept across
+- :class:`GroupDRO` (Sagawa et al. 2020, Algorithm 1): a weight q_e per domain, kept across
   steps; each step q_e <- q_e exp(eta R_e) (eta = ``groupdro_eta``, R_e detached), then
   q <- q / sum q, and loss = sum_e q_e R_e. q starts at 1 for every domain.
 - :class:`Mixup` (inter-domain mixup, Yan et al. 2020; Wang et al. 2020): domains are put in a

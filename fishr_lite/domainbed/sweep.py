@@ -13,17 +13,34 @@ process one after the other (``launcher="sequential"``) or through submitit
     jobs = make_jobs("sweep_out", datasets=["ColoredMNIST"], algorithms=["ERM", "Fishr"],
                      n_hparams=5, n_trials=3, steps=1000)
     launch(jobs, launcher="submitit", cluster="local")
+
+The command line is DomainBed's ``scripts/sweep.py`` (``launch`` or ``delete_incomplete``)::
+
+    python -m fishr_lite.domainbed.sweep launch --datasets ColoredMNIST --algorithms ERM Fishr \
+        --n_hparams 5 --n_trials 3 --single_test_envs --steps 1000 --output_dir sweep_out \
+        --command_launcher local
+
+``--command_launcher``: ``local`` runs the jobs one after the other in this process;
+``submitit`` runs them through submitit's local executor (this machine); ``slurm`` submits
+them to Slurm through submitit (``--slurm_partition``, ``--gpus_per_node``,
+``--cpus_per_task``, ``--timeout_min``). As in DomainBed, ``launch`` starts only the jobs
+never launched and ``delete_incomplete`` removes the folders of the others not done; both
+list the jobs and ask for confirmation unless ``--skip_confirmation``. Unknown datasets and
+algorithms are rejected before anything runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from .algorithms import ALGORITHM_CLASSES
 from .names import DATASET_ENVIRONMENTS
 from .splits import seed_hash
 from .train import train
@@ -71,7 +88,11 @@ def make_jobs(sweep_dir: str | Path, *, datasets: Sequence[str], algorithms: Seq
     """The jobs of a sweep, in DomainBed's order (trial, dataset, algorithm, test envs, draw).
 
     ``extra`` adds arguments to every job (``checkpoint_freq``, ``max_per_env``, ``data_dir``).
+    An unknown algorithm or dataset is a ``ValueError`` before any job is made.
     """
+    unknown = [a for a in algorithms if a not in ALGORITHM_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {unknown}; use some of {list(ALGORITHM_CLASSES)}.")
     jobs = []
     for trial_seed in range(n_trials):
         for dataset in datasets:
@@ -130,3 +151,93 @@ def launch(jobs: Sequence[Job], launcher: str = "sequential", *, log_dir: Option
     else:
         raise ValueError(f"unknown launcher {launcher!r}; use 'sequential' or 'submitit'.")
     return todo
+
+
+def delete(jobs: Iterable[Job]) -> None:
+    """Remove the jobs' folders (DomainBed's ``Job.delete``)."""
+    for job in jobs:
+        shutil.rmtree(job.output_dir, ignore_errors=True)
+
+
+def _confirm(skip: bool) -> bool:
+    if skip:
+        return True
+    try:
+        answer = input("Are you sure? (y/n) ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        print("Nevermind!")
+        return False
+    return True
+
+
+LAUNCHERS = {"local": ("sequential", None), "submitit": ("submitit", "local"),
+             "slurm": ("submitit", "slurm")}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[Job]:
+    """DomainBed's sweep command line; returns the jobs launched or deleted."""
+    parser = argparse.ArgumentParser(description="Run a DomainBed sweep (fishr_lite).")
+    parser.add_argument("command", choices=["launch", "delete_incomplete"])
+    parser.add_argument("--datasets", nargs="+", default=["ColoredMNIST"])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHM_CLASSES))
+    parser.add_argument("--task", default="domain_generalization",
+                        choices=["domain_generalization", "domain_adaptation"])
+    parser.add_argument("--n_hparams_from", type=int, default=0)
+    parser.add_argument("--n_hparams", type=int, default=20)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--n_trials", type=int, default=3)
+    parser.add_argument("--command_launcher", required=True, choices=list(LAUNCHERS))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--hparams", default=None, help="JSON overriding every job's hyperparameters")
+    parser.add_argument("--holdout_fraction", type=float, default=0.2)
+    parser.add_argument("--single_test_envs", action="store_true")
+    parser.add_argument("--skip_confirmation", action="store_true")
+    extra = parser.add_argument_group("fishr_lite additions")
+    extra.add_argument("--checkpoint_freq", type=int, default=None)
+    extra.add_argument("--max_per_env", type=int, default=None)
+    extra.add_argument("--log_dir", default=None, help="submitit's logs (default OUTPUT_DIR/.submitit)")
+    for name in ("slurm_partition", "gpus_per_node", "cpus_per_task", "timeout_min"):
+        extra.add_argument(f"--{name}", type=str if name == "slurm_partition" else int, default=None)
+    args = parser.parse_args(argv)
+    if args.task != "domain_generalization":
+        parser.error("--task domain_adaptation is not implemented in fishr_lite.")
+    options = {k: getattr(args, k) for k in ("checkpoint_freq", "max_per_env", "data_dir")
+               if getattr(args, k) is not None}
+    try:
+        jobs = make_jobs(args.output_dir, datasets=args.datasets, algorithms=args.algorithms,
+                         n_hparams=args.n_hparams, n_hparams_from=args.n_hparams_from,
+                         n_trials=args.n_trials, steps=args.steps,
+                         holdout_fraction=args.holdout_fraction,
+                         single_test_envs=args.single_test_envs,
+                         hparams=json.loads(args.hparams) if args.hparams else None, **options)
+    except ValueError as error:
+        parser.error(str(error))
+    for job in jobs:
+        print(f"{job.state:<13} {job.output_dir}")
+    counts = summary(jobs)
+    print(f"{len(jobs)} jobs: {counts[DONE]} done, {counts[INCOMPLETE]} incomplete, "
+          f"{counts[NOT_LAUNCHED]} not launched.")
+    if args.command == "delete_incomplete":
+        chosen = [job for job in jobs if job.state == INCOMPLETE]
+        print(f"About to delete {len(chosen)} incomplete jobs.")
+        if chosen and _confirm(args.skip_confirmation):
+            delete(chosen)
+            return chosen
+        return []
+    chosen = [job for job in jobs if job.state == NOT_LAUNCHED]
+    print(f"About to launch {len(chosen)} jobs.")
+    if not chosen or not _confirm(args.skip_confirmation):
+        return []
+    launcher, cluster = LAUNCHERS[args.command_launcher]
+    slurm = {k: getattr(args, k) for k in ("slurm_partition", "gpus_per_node", "cpus_per_task",
+                                           "timeout_min") if getattr(args, k) is not None}
+    log_dir = args.log_dir or str(Path(args.output_dir) / ".submitit")
+    return launch(chosen, launcher, log_dir=log_dir, cluster=cluster, **slurm) \
+        if launcher == "submitit" else launch(chosen, launcher)
+
+
+if __name__ == "__main__":
+    main()

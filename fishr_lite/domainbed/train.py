@@ -10,11 +10,22 @@ and of ``step_time``, ``env{i}_in_acc`` and ``env{i}_out_acc`` for every environ
 ``mem_gb`` (peak CUDA memory; 0 on CPU), ``hparams`` and ``args``. Each line is flushed and
 fsynced as it is written; ``done`` is written last. DomainBed's readers and ours read the file.
 
-A run does not resume mid-way (no model checkpoints): started again without ``done``, it
-discards its partial ``results.jsonl`` and starts over. ::
+A run does not resume mid-way: started again without ``done``, it discards its partial
+``results.jsonl`` and starts over. ::
 
     python -m fishr_lite.domainbed.train --dataset ColoredMNIST --algorithm Fishr \
         --test_envs 2 --steps 1000 --output_dir out/run0
+
+The command line takes DomainBed's flags (``--data_dir --dataset --algorithm --task --hparams
+--hparams_seed --trial_seed --seed --steps --checkpoint_freq --test_envs --output_dir
+--holdout_fraction --uda_holdout_fraction --skip_model_save --save_model_every_checkpoint``),
+plus ``--max_per_env`` (the first images of each environment only). As in DomainBed, it saves
+``model.pkl`` at the end unless ``--skip_model_save`` (:func:`train` called from Python, as
+sweeps do, skips it unless ``skip_model_save=False``), and ``model_step{step}.pkl`` at every
+checkpoint with ``--save_model_every_checkpoint``. The hyperparameter ``class_balanced`` draws
+each domain's minibatches with weights 1 / (n_classes * count of the sample's class), as
+DomainBed. Domain adaptation (``--task domain_adaptation``, ``--uda_holdout_fraction``) is not
+implemented: asking for it is an error, as is any argument :func:`train` does not know.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset, WeightedRandomSampler
 
 from .algorithms import get_algorithm_class
 from .datasets import get_dataset
@@ -54,15 +65,30 @@ def _tensors(split: Subset) -> Optional[tuple[torch.Tensor, ...]]:
     return None
 
 
+def class_balanced_weights(split: Dataset) -> torch.Tensor:
+    """w_i = 1 / (n_classes * count of y_i), DomainBed's ``make_weights_for_balanced_classes``."""
+    tensors = _tensors(split) if isinstance(split, Subset) else None
+    labels = tensors[1] if tensors is not None else torch.as_tensor([int(y) for _, y in split])
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return 1.0 / (counts[inverse].double() * len(classes))
+
+
 def infinite_minibatches(split: Dataset, batch_size: int, generator: torch.Generator,
-                         num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless minibatches drawn uniformly with replacement (DomainBed's InfiniteDataLoader)."""
+                         num_workers: int = 0, weights: Optional[torch.Tensor] = None
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless minibatches drawn with replacement (DomainBed's InfiniteDataLoader): uniformly,
+    or with probabilities proportional to ``weights``."""
     tensors = _tensors(split) if isinstance(split, Subset) else None
     if tensors is not None:
         while True:
-            index = torch.randint(len(tensors[0]), (batch_size,), generator=generator)
+            if weights is None:
+                index = torch.randint(len(tensors[0]), (batch_size,), generator=generator)
+            else:
+                index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
             yield tensors[0][index], tensors[1][index]
-    sampler = RandomSampler(split, replacement=True, num_samples=10**9, generator=generator)
+    sampler = (RandomSampler(split, replacement=True, num_samples=10**9, generator=generator)
+               if weights is None else
+               WeightedRandomSampler(weights, num_samples=10**9, replacement=True, generator=generator))
     yield from DataLoader(split, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
 
 
@@ -85,8 +111,30 @@ def accuracy(algorithm: torch.nn.Module, split: Dataset, device: torch.device, b
     return correct / total
 
 
+def check_args(args: dict[str, Any]) -> None:
+    """Reject arguments :func:`train` does not know or does not implement, saying which."""
+    unknown = sorted(set(args) - set(DEFAULT_ARGS))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; train() takes {sorted(DEFAULT_ARGS)}.")
+    if args.get("task", "domain_generalization") != "domain_generalization":
+        raise ValueError(f"task={args['task']!r} is not implemented in fishr_lite (domain "
+                         "adaptation); use task='domain_generalization'.")
+    if args.get("uda_holdout_fraction") not in (None, 0, 0.0):
+        raise ValueError("uda_holdout_fraction is for domain adaptation, which fishr_lite does not "
+                         "implement; leave it at 0.")
+
+
+def _save_model(path: Path, args: dict, algorithm: torch.nn.Module, dataset: Any, hparams: dict) -> None:
+    """DomainBed's ``save_checkpoint``: arguments, model shape and hyperparameters, state dict."""
+    torch.save({"args": args, "model_input_shape": dataset.input_shape,
+                "model_num_classes": dataset.num_classes,
+                "model_num_domains": len(dataset) - len(args["test_envs"]),
+                "model_hparams": hparams, "model_dict": algorithm.state_dict()}, path)
+
+
 def train(args: dict[str, Any]) -> Path:
     """Run one training job described by DomainBed-style ``args``; returns its output folder."""
+    check_args(args)
     args = {**DEFAULT_ARGS, **args}
     args["test_envs"] = [int(t) for t in args["test_envs"]]
     out = Path(args["output_dir"])
@@ -111,7 +159,9 @@ def train(args: dict[str, Any]) -> Path:
                          f"0..{len(dataset) - 1}; pick test environments among them.")
     ins, outs = in_out_splits(dataset.datasets, args["trial_seed"], args["holdout_fraction"])
     generator = torch.Generator().manual_seed(args["seed"])
-    train_iters = [infinite_minibatches(s, hparams["batch_size"], generator)
+    balanced = bool(hparams.get("class_balanced", False))
+    train_iters = [infinite_minibatches(s, hparams["batch_size"], generator,
+                                        weights=class_balanced_weights(s) if balanced else None)
                    for i, s in enumerate(ins) if i not in args["test_envs"]]
     algorithm = get_algorithm_class(args["algorithm"])(
         dataset.input_shape, dataset.num_classes, len(dataset) - len(args["test_envs"]), hparams
@@ -141,9 +191,10 @@ def train(args: dict[str, Any]) -> Path:
                 f.flush()
                 os.fsync(f.fileno())
                 values = collections.defaultdict(list)
+                if args["save_model_every_checkpoint"]:
+                    _save_model(out / f"model_step{step}.pkl", args, algorithm, dataset, hparams)
     if not args["skip_model_save"]:
-        torch.save({"args": args, "model_hparams": hparams, "model_dict": algorithm.state_dict()},
-                   out / "model.pkl")
+        _save_model(out / "model.pkl", args, algorithm, dataset, hparams)
     (out / "done").write_text("done")
     return out
 
@@ -154,9 +205,20 @@ def main(argv: Optional[list[str]] = None) -> Path:
         parser.add_argument(f"--{key}", type=str, default=DEFAULT_ARGS[key])
     for key in ("hparams_seed", "trial_seed", "seed", "steps", "checkpoint_freq", "max_per_env"):
         parser.add_argument(f"--{key}", type=int, default=DEFAULT_ARGS[key])
+    parser.add_argument("--task", default="domain_generalization",
+                        choices=["domain_generalization", "domain_adaptation"])
     parser.add_argument("--holdout_fraction", type=float, default=0.2)
+    parser.add_argument("--uda_holdout_fraction", type=float, default=0,
+                        help="domain adaptation only (not implemented: must stay 0)")
     parser.add_argument("--test_envs", type=int, nargs="+", default=[0])
-    return train(vars(parser.parse_args(argv)))
+    parser.add_argument("--skip_model_save", action="store_true")
+    parser.add_argument("--save_model_every_checkpoint", action="store_true")
+    args = vars(parser.parse_args(argv))
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return train(args)
 
 
 if __name__ == "__main__":
