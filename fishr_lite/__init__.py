@@ -12,12 +12,12 @@ Quick use: ``from fishr_lite import FishrPenalty`` (see the README), ``from fish
 diagnostics``, ``python -m fishr_lite.experiments.coloredmnist --help``,
 ``python -m fishr_lite.domainbed.report --help``.
 
-Three things carry Fishr's name, one per layer: :class:`FishrPenalty` (the penalty of a head,
-for any training loop), :class:`fishr_lite.objectives.FishrObjective` (the same penalty as
-an objective over per-domain batches) and
-:class:`fishr_lite.domainbed.algorithms.FishrAlgorithm` (DomainBed's ``Fishr`` algorithm).
-``fishr_lite.Fishr`` is the former name of :class:`FishrPenalty`, kept with a
-DeprecationWarning.
+Three things carry Fishr's name, one per layer: :class:`~fishr_lite.training.FishrPenalty`
+(the penalty of a head, for any training loop), :class:`fishr_lite.objectives.FishrObjective`
+(the same penalty as an objective over per-domain batches) and
+:class:`~fishr_lite.domainbed.invariance.FishrAlgorithm` (DomainBed's ``Fishr`` algorithm,
+also ``fishr_lite.domainbed.algorithms.FishrAlgorithm``). ``fishr_lite.Fishr`` is the former
+name of ``FishrPenalty``, kept with a DeprecationWarning.
 """
 
 from __future__ import annotations

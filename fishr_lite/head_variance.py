@@ -11,7 +11,7 @@ g_i^b = r_i, so their per-coordinate variances over the n samples of a domain ne
 
 (``centered=False`` sets m and mean_j r_j to 0), with a hand-written backward.
 
-This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.FishrPenalty`: the
+This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.training.FishrPenalty`: the
 (n, C, d) per-sample gradients of ``closed_form_grads`` are never materialized, and the
 features are read in row blocks that fit in cache, so the penalty costs four passes over
 the features (two forward, two backward) instead of a dozen, and allocates one (n, d)

@@ -60,7 +60,7 @@ CONVENTIONS: Mapping[str, Mapping] = MappingProxyType(
 )
 DEFAULT_CONVENTION = "domainbed"
 DOMAINBED_EMA = 0.95
-#: The moving average each convention uses when none is named (None: no moving average).
+#: The moving average each convention uses when none is named, None for no moving average.
 CONVENTION_EMA: Mapping[str, Optional[float]] = MappingProxyType(
     {"domainbed": DOMAINBED_EMA, "colored_mnist": None}
 )

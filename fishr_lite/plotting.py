@@ -49,7 +49,7 @@ def color_image(image: "torch.Tensor | numpy.ndarray") -> "numpy.ndarray":  # no
 
 
 def show_grid(images: Sequence["torch.Tensor"], titles: Sequence[str] | None = None, ncols: int = 8,
-              scale: float = 0.9) -> plt.Figure:
+              scale: float = 0.9) -> "matplotlib.figure.Figure":
     """Show (2, H, W) Colored MNIST images in a grid, without axes."""
     n = len(images)
     nrows = -(-n // ncols)

@@ -5,11 +5,12 @@ built from ``(input_shape, num_classes, num_domains, hparams)``) and DomainBed's
 its hyperparameters (defaults and random-search ranges) are in :mod:`.hparams`. One module per
 family, each with the equations in its docstring:
 
-- :mod:`.erm`: ``ERM`` (the base class of all others);
-- :mod:`.invariance`: ``IRM``, ``VREx``, ``Fishr`` (:class:`FishrAlgorithm`), ``IGA``;
-- :mod:`.alignment`: ``CORAL``, ``MMD``;
-- :mod:`.robust`: ``GroupDRO``, ``Mixup``, ``Fish``;
-- :mod:`.masks`: ``ANDMask``, ``SANDMask``.
+- :mod:`fishr_lite.domainbed.erm`: ``ERM`` (the base class of all others);
+- :mod:`fishr_lite.domainbed.invariance`: ``IRM``, ``VREx``, ``Fishr``
+  (:class:`~fishr_lite.domainbed.invariance.FishrAlgorithm`), ``IGA``;
+- :mod:`fishr_lite.domainbed.alignment`: ``CORAL``, ``MMD``;
+- :mod:`fishr_lite.domainbed.robust`: ``GroupDRO``, ``Mixup``, ``Fish``;
+- :mod:`fishr_lite.domainbed.masks`: ``ANDMask``, ``SANDMask``.
 
 Penalties that :mod:`fishr_lite.objectives` defines (IRM, V-REx, Fishr, IGA, CORAL) are used
 from there, not written again.

@@ -31,7 +31,8 @@ GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """||a_i - b_j||^2 = |a_i|^2 + |b_j|^2 - 2 a_i.b_j, clamped at 1e-30 (DomainBed's ``my_cdist``)."""
+    """``||a_i - b_j||^2 = ||a_i||^2 + ||b_j||^2 - 2 a_i.b_j``, clamped at 1e-30 (DomainBed's
+    ``my_cdist``)."""
     a_norm = a.pow(2).sum(dim=-1, keepdim=True)
     b_norm = b.pow(2).sum(dim=-1, keepdim=True)
     return torch.addmm(b_norm.transpose(-2, -1), a, b.transpose(-2, -1), alpha=-2).add(a_norm).clamp_min(1e-30)

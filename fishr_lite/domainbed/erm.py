@@ -6,8 +6,10 @@ Adam (``lr``, ``weight_decay``) on the cross-entropy, as in DomainBed's ``algori
 
     loss = CE( f(x_all), y_all ),   x_all = the training domains' samples pooled.
 
-Subclasses (IRM, VREx, Fishr, ... in :mod:`.invariance`, :mod:`.alignment`, :mod:`.robust`,
-:mod:`.masks`) change ``update`` only; the registry of names is :mod:`.algorithms`.
+Subclasses (IRM, VREx, Fishr, ... in :mod:`fishr_lite.domainbed.invariance`,
+:mod:`fishr_lite.domainbed.alignment`, :mod:`fishr_lite.domainbed.robust`,
+:mod:`fishr_lite.domainbed.masks`) change ``update`` only; the registry of names is
+:mod:`fishr_lite.domainbed.algorithms`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Both compute each training domain's gradient g_e = grad R_e of every parameter tensor, average
 them, gbar = (1/E) sum_e g_e, and give Adam a masked gradient in place of the mean:
 
-    grad = m * gbar / (1e-10 + mean(m)),   a = |(1/E) sum_e sign(g_e)|   (elementwise)
+    grad = m * gbar / (1e-10 + mean(m)),   a = abs((1/E) sum_e sign(g_e))   (elementwise)
 
 - :class:`ANDMask` (Parascandolo et al. 2021): m = 1[a >= tau], tau = ``tau``.
 - :class:`SANDMask` (Shahtalebi et al. 2021): m = max(0, tanh(k (a - tau) / s^2)), k = ``k``,

@@ -2,9 +2,9 @@
 
 :func:`curvature_callback` makes a ``callback(step, model, environments)`` for
 :func:`fishr_lite.experiments.coloredmnist.train`. It measures the two training domains
-(colour flip 0.2 and 0.1, named :data:`NAMES`) with :mod:`fishr_lite.diagnostics` and returns
-records ``{"step", "quantity", "domain", "value"}``, where ``domain`` is one of :data:`NAMES`
-or :data:`PAIR` (a comparison of the two). Its settings, :data:`DIAGNOSTICS`, are part of the
+(colour flip 0.2 and 0.1, named ``NAMES``) with :mod:`fishr_lite.diagnostics` and returns
+records ``{"step", "quantity", "domain", "value"}``, where ``domain`` is one of ``NAMES``
+or ``PAIR`` (a comparison of the two). Its settings, ``DIAGNOSTICS``, are part of the
 run's configuration (key ``"diagnostics"``), so a run with diagnostics has its own record.
 
 What is recorded, for the head ω (the last Linear layer, the featurizer frozen) unless said
@@ -14,9 +14,9 @@ otherwise; every curvature is that of a domain's mean loss R_e:
   last step (:func:`head_records`). For the pair: ``<name>_distance``, the relative Frobenius
   distance 2‖M_A − M_B‖ / (‖M_A‖ + ‖M_B‖) of the domains' ``grad_variance`` (Fishr's v_e, a
   diagonal), ``empirical_fisher``, ``fisher`` and ``hessian``; ``inconsistency``, the paper's
-  score I^ε with ``epsilon`` and a damping δ = ``damping``; ``risk_gap`` = |R_0.2 − R_0.1|;
+  score I^ε with ``epsilon`` and a damping δ = ``damping``; ``risk_gap`` = ``|R_0.2 − R_0.1|``;
   ``lambda_max``, the larger λ_max((H_A + δI)⁻¹ H_B) of the two ordered pairs; and
-  ``fisher_hessian_max_diff``, the largest |F_e − H_e| entry (zero up to rounding: for a
+  ``fisher_hessian_max_diff``, the largest ``|F_e − H_e|`` entry (zero up to rounding: for a
   linear head and the logistic loss the Hessian is the Fisher). Per domain: ``risk``.
 - at the ``network_steps`` (−1: the last step; :func:`network_records`), per domain, the
   ``top_k`` largest eigenvalues of the whole network's Hessian, ``network_eigenvalue_1``, ...,
@@ -228,7 +228,7 @@ FINAL = ["grad_variance_distance", "empirical_fisher_distance", "hessian_distanc
 
 def final_table(records: Sequence[dict]) -> "pandas.DataFrame":
     """One row per (algorithm, restart): test accuracy (%); at the last step the head
-    distances, risk gap and inconsistency score of :data:`FINAL`, and ``network_gap``, the
+    distances, risk gap and inconsistency score of ``FINAL``, and ``network_gap``, the
     relative gap 2|λ_A − λ_B| / (λ_A + λ_B) of the domains' top whole-network eigenvalues;
     ``hessian_distance_warmup``, the head-Hessian distance at the last warm-up step (NaN when
     a quantity was not measured)."""
