@@ -11,6 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_step_quick_writes_a_complete_record(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out-dir", str(tmp_path)],
@@ -37,6 +38,7 @@ def test_bench_step_quick_writes_a_complete_record(tmp_path):
     assert "Targets:" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_bench_step_without_cuda_says_so(tmp_path):
     result = subprocess.run(

@@ -15,8 +15,8 @@ _spec = importlib.util.spec_from_file_location("check_site", HERE / "check_site.
 check_site = sys.modules["check_site"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_site)
 
-pytestmark = pytest.mark.skipif(not check_site.CHROMIUM.exists(),
-                                reason="Debian's chromium is not installed (apt-get install chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not check_site.CHROMIUM.exists(),
+                                reason="Debian's chromium is not installed (apt-get install chromium)")]
 
 MATHJAX_TAG = '<script defer src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
 STUB_MATHJAX = """

@@ -167,6 +167,7 @@ def test_objectives_follow_the_script_convention():
         assert objective.options["domain_reduction"] == "sum"
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, monkeypatch):
     real_train = cm.train
     calls = []
@@ -277,6 +278,7 @@ def test_command_line(tmp_path, capsys):
     assert len(list((tmp_path / "coloredmnist").glob("*.json"))) == 4
 
 
+@pytest.mark.slow
 def test_module_entry_point(tmp_path):
     env = {**os.environ, "CI": "1"}
     done = subprocess.run(

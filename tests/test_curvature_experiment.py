@@ -50,6 +50,7 @@ def test_restart_selection():
         ("erm", 2), ("fishr", 2), ("erm", 4), ("fishr", 4)]
 
 
+@pytest.mark.slow
 def test_cli_records_the_quantities_and_resumes(tmp_path, capsys, monkeypatch):
     assert cv.main([*TINY, "--restarts", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()[-1]

@@ -128,6 +128,7 @@ def test_training_environments_are_the_first_50000_shuffled(envs):
     assert torch.equal(train_digits, expected)
 
 
+@pytest.mark.slow
 def test_seeding(envs):
     again = colored_mnist(seed=0, fraction=0.1)
     other = colored_mnist(seed=1, fraction=0.1)

@@ -172,6 +172,7 @@ def logistic_data(n: int = 4000, seed: int = 0):
     return x, y_model, y_other
 
 
+@pytest.mark.slow
 def test_logistic_regression_at_optimum():
     x, y_model, y_other = logistic_data()
     distances = {}

@@ -177,6 +177,7 @@ def test_hessian_matches_autograd_functional(loss, params):
         torch.testing.assert_close(d, torch.diagonal(expected), **EXACT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_monte_carlo_fisher_close_to_exact(loss):
     featurizer, head, domains = make_model(loss)

@@ -53,6 +53,7 @@ def reference_fishr_penalty(featurizer, head, minibatches, ema_state, ema):
     return (v - v.mean(0)).pow(2).mean(1).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nonlinear", [False, True])
 def test_fishr_update_matches_reference_including_warmup_and_adam_reset(nonlinear):
     torch.manual_seed(0)

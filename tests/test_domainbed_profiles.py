@@ -44,6 +44,7 @@ def test_profile_jobs_keep_the_protocol_and_fix_only_what_costs_time():
         profile_jobs("/tmp/sweep", "fast")
 
 
+@pytest.mark.slow
 def test_step_times_record_has_positive_times_and_provenance(tmp_path):
     out = tmp_path / "t.json"
     timing_main(["--algorithms", "ERM", "Fishr", "--batch_size", "4", "--n_steps", "2",

@@ -44,6 +44,7 @@ def test_make_jobs_enumerates_domainbed_sweep():
         make_jobs("/tmp/x", datasets=["MNIST"], algorithms=["ERM"])
 
 
+@pytest.mark.slow
 def test_train_writes_domainbed_schema_and_restarts_partial_runs(tmp_path):
     args = {"dataset": "ColoredMNIST", "algorithm": "Fishr", "test_envs": [2], "output_dir": str(tmp_path / "run"),
             "steps": 3, "checkpoint_freq": 2, "max_per_env": 10,
@@ -60,6 +61,7 @@ def test_train_writes_domainbed_schema_and_restarts_partial_runs(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_completes_and_relaunch_reruns_only_missing(tmp_path):
     pytest.importorskip("submitit")
     sweep_dir = tmp_path / "sweep"

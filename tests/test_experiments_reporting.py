@@ -84,6 +84,7 @@ def test_beside_published_formats_ours_and_the_paper():
         reporting.beside_published(cm.summarize(mixed), reporting.published_table2())
 
 
+@pytest.mark.slow
 def test_plot_curves_draws_one_line_per_label_and_log_penalty():
     configs = cm.make_configs(["erm", "fishr"], profile="quick", restarts=2)
     records = [fake_record(c, [0.5, 0.6], [1e-3, 1e-5]) for c in configs]

@@ -67,6 +67,7 @@ def test_torch_func_whole_mlp_matches_loop():
     assert_close_dict(grads, loop_grads(model, x, y, loss="ce"))
 
 
+@pytest.mark.slow
 def test_torch_func_small_convnet_matches_loop():
     torch.manual_seed(2)
     model = nn.Sequential(

@@ -18,10 +18,10 @@ from test_api_page import modules as api_page_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0,
     reason="pip is not available in this interpreter",
-)
+)]
 
 
 @pytest.fixture(scope="module")
