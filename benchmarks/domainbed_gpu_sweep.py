@@ -269,7 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n-hparams", type=int, default=None,
                         help="hyperparameter draws (default 1)")
     parser.add_argument("--algorithms", nargs="+", default=None,
-                        help="default: ERM, Fishr, then every other registered algorithm")
+                        help="default: ERM, Fishr, then every other registered algorithm "
+                        "(--smoke: ERM and Fishr)")
     parser.add_argument("--plan", action="store_true",
                         help="print the runs and the estimate; run nothing")
     args = parser.parse_args(argv)
@@ -280,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep_dir = args.sweep_dir or (Path(tempfile.mkdtemp(prefix="gpu_sweep_smoke_")) if args.smoke
                                    else SWEEP_DIR)
     workers = args.workers or (2 if args.smoke else 8)
-    jobs = sweep_jobs(sweep_dir, size, args.algorithms)
+    algorithms = args.algorithms or (list(FIRST_ALGORITHMS) if args.smoke else None)
+    jobs = sweep_jobs(sweep_dir, size, algorithms)
     print(f"sweep folder: {sweep_dir}\n{plan(jobs)}", flush=True)
     if args.plan:
         return 0

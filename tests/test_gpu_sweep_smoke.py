@@ -100,7 +100,8 @@ def test_smoke_runs_the_sweep_archives_it_and_resumes(tmp_path):
 def test_time_limit_stops_runs_and_the_next_call_starts_them_over(tmp_path):
     long, short = gpu.sweep_jobs(tmp_path, gpu.SMOKE, ["ERM"])[:2]
     long.args["steps"] = 10**7  # cannot finish before the limit
-    result = gpu.run_parallel([long, short], workers=1, time_limit=20, stop_starting_after=18)
+    # the limit leaves a loaded machine time to start the run (and create its folder)
+    result = gpu.run_parallel([long, short], workers=1, time_limit=40, stop_starting_after=38)
     assert result.stopped == [long.output_dir.name]
     assert result.not_started == [short.output_dir.name]
     assert long.state == INCOMPLETE and not result.finished and not result.failed
