@@ -13,9 +13,14 @@ A dataset is a list of environments (``torch.utils.data.Dataset`` of ``(x, y)``)
   colour agrees with the label); the other channel is zeroed. Full 28x28 images, unlike the
   14x14 images of the IRM-style Colored MNIST in :mod:`fishr_lite.data`.
 - RotatedMNIST (1x28x28, 10 classes): environment images rotated counter-clockwise by 0, 15,
-  30, 45, 60, 75 degrees about the centre, zero fill. DomainBed rotates with PIL (bicubic,
-  8-bit output); we rotate with ``affine_grid``/``grid_sample`` (bicubic, clamped to [0, 1],
-  not quantised), so pixels differ slightly.
+  30, 45, 60, 75 degrees about the centre, zero fill, exactly as DomainBed at commit
+  ``99353c2bdb5f2f50a935e0fb660ccf0144d25cf5`` (facebookresearch/DomainBed; the Fishr
+  repository, alexrame/fishr at ``1f6f77a8dd9910bc746360a5964e8f1abe1be9e3``, does the same):
+  the 8-bit digit goes through PIL's bilinear rotation (torchvision's ``rotate(x, angle,
+  fill=(0,), interpolation=InterpolationMode.BILINEAR)`` on a PIL image calls PIL's
+  ``Image.rotate``) and back to [0, 1] as k / 255. Older DomainBed commits (such as
+  ``05a8cc004de8d8382bcddfed1de152ea688ce7d8``) passed ``resample=Image.BICUBIC``; we follow the
+  newer one. We call PIL directly, so torchvision is not needed.
 - Image folders ``root/<environment>/<class>/<image>``: environments and classes in sorted
   name order, as torchvision's ``ImageFolder``. Loading them needs torchvision (DomainBed's
   resize/normalise transforms and its augmentation); :func:`discover_image_folder` does not.
@@ -27,14 +32,12 @@ items are those of the full dataset): the quick profile's small data.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .names import DATASET_ENVIRONMENTS
@@ -115,14 +118,22 @@ class ColoredMNIST(MultipleEnvironmentMNIST):
 
 
 def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate (n, c, h, w) images in [0, 1] counter-clockwise by ``degrees`` about their centre
-    (bicubic, zero outside, clamped to [0, 1]): output(p) = input(R(-degrees) p)."""
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
-                         dtype=images.dtype).expand(len(images), 2, 3)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
-    return out.clamp_(0.0, 1.0)
+    """Rotate (n, h, w) 8-bit images counter-clockwise by ``degrees`` about their centre, as
+    DomainBed's RotatedMNIST does (PIL bilinear, zero fill); returns (n, 1, h, w) float32 in
+    [0, 1], multiples of 1 / 255. Needs Pillow (installed with matplotlib)."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ImportError("RotatedMNIST rotates its digits with Pillow, as DomainBed does: "
+                          "pip install pillow") from error
+    if images.dtype != torch.uint8 or images.dim() != 3:
+        raise ValueError(f"rotate takes (n, h, w) uint8 images (MNIST's 8-bit digits), got "
+                         f"{images.dtype} of shape {tuple(images.shape)}.")
+    array = images.numpy()
+    rotated = np.stack([np.asarray(Image.fromarray(a).rotate(
+        degrees, resample=Image.BILINEAR, fillcolor=0)) for a in array]) \
+        if len(array) else array
+    return torch.from_numpy(rotated.copy()).float().div_(255.0).unsqueeze(1)
 
 
 class RotatedMNIST(MultipleEnvironmentMNIST):
@@ -137,7 +148,7 @@ class RotatedMNIST(MultipleEnvironmentMNIST):
     def make_environment(self, images: torch.Tensor, labels: torch.Tensor, angle: float,
                          generator: torch.Generator, max_per_env: Optional[int]) -> TensorDataset:
         k = len(labels) if max_per_env is None else min(max_per_env, len(labels))
-        x = rotate(images[:k, None].float().div_(255.0), angle)
+        x = rotate(images[:k], angle)
         return TensorDataset(x, labels[:k])
 
 
