@@ -198,3 +198,52 @@ def test_resnet_featurizer_with_torchvision():
     net = ResNet((3, 224, 224), {"resnet18": True, "resnet_dropout": 0.0}, pretrained=False).train()
     assert net(torch.randn(2, 3, 224, 224)).shape == (2, 512)
     assert not any(m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+class FakeWeights:
+    """Stands for a torchvision weights enum: its members are their own names."""
+
+    IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT = "IMAGENET1K_V1", "IMAGENET1K_V2", "IMAGENET1K_V2"
+
+
+def fake_torchvision_models(calls):
+    """A stand-in for torchvision.models recording which builder and weights are asked for."""
+    import types
+
+    def builder(name):
+        def build(weights=None):
+            calls.append((name, weights))
+            net = torch.nn.Sequential()
+            net.conv1 = torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            net.bn1, net.fc = torch.nn.BatchNorm2d(64), torch.nn.Linear(64, 1000)
+            return net
+        return build
+
+    return types.SimpleNamespace(resnet18=builder("resnet18"), resnet50=builder("resnet50"),
+                                 ResNet18_Weights=FakeWeights, ResNet50_Weights=FakeWeights)
+
+
+def test_resnet_loads_domainbeds_v1_imagenet_weights(monkeypatch):
+    """DomainBed calls resnet50(pretrained=True), i.e. IMAGENET1K_V1 (not DEFAULT, which is V2)."""
+    from fishr_lite.domainbed import networks
+
+    assert networks.resnet_spec({}) == ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1", 2048)
+    assert networks.resnet_spec({"resnet18": True}) == ("resnet18", "ResNet18_Weights", "IMAGENET1K_V1", 512)
+    calls = []
+    monkeypatch.setattr(networks, "_torchvision_models", lambda: fake_torchvision_models(calls))
+    net = networks.Featurizer((3, 224, 224), {"resnet18": False, "resnet_dropout": 0.0})
+    assert calls == [("resnet50", "IMAGENET1K_V1")] and net.n_outputs == 2048
+    networks.ResNet((2, 224, 224), {"resnet18": True}, pretrained=False)
+    assert calls[-1] == ("resnet18", None)
+
+
+def test_resnet_weights_exist_in_torchvision():
+    """The enum members named by resnet_spec are torchvision's V1 checkpoints (their file names)."""
+    torchvision_or_skip()
+    import torchvision.models as models
+
+    from fishr_lite.domainbed.networks import resnet_spec
+
+    for hparams, checkpoint in (({}, "resnet50-0676ba61.pth"), ({"resnet18": True}, "resnet18-f37072fd.pth")):
+        builder, enum, member, _ = resnet_spec(hparams)
+        assert getattr(getattr(models, enum), member).url.endswith(checkpoint)

@@ -5,10 +5,13 @@
   features. ``width`` (the first layer's channels, DomainBed's 64) narrows it for CPU-sized
   runs: channels (w, 2w, 2w, 2w), 2w features; set through the hyperparameter
   ``mnist_cnn_width`` (absent from the registry, so DomainBed's runs keep 64).
-- :class:`ResNet` for 224x224 inputs: torchvision's ResNet-18 or ResNet-50 (ImageNet weights)
-  without its last layer (512 or 2048 features), BatchNorm kept in eval mode (running
-  statistics frozen) during training, dropout
-  ``resnet_dropout`` on the features. Needs torchvision.
+- :class:`ResNet` for 224x224 inputs: torchvision's ResNet-18 or ResNet-50 without its last
+  layer (512 or 2048 features), BatchNorm kept in eval mode (running statistics frozen) during
+  training, dropout ``resnet_dropout`` on the features. Needs torchvision. The ImageNet weights
+  are those DomainBed loads, ``torchvision.models.resnet50(pretrained=True)``, which torchvision
+  maps to ``ResNet50_Weights.IMAGENET1K_V1`` (76.1 % top-1), not ``DEFAULT`` (``IMAGENET1K_V2``,
+  80.9 %, a newer training recipe that the published DomainBed tables did not use); likewise
+  ``ResNet18_Weights.IMAGENET1K_V1``. :func:`resnet_spec` names the choice.
 - :func:`Classifier`: ``nn.Linear(n_features, n_classes)``, or DomainBed's small MLP head when
   ``nonlinear``. Fishr's per-sample gradients are taken with respect to this head only.
 """
@@ -58,18 +61,28 @@ def _torchvision_models():
     return models
 
 
+# DomainBed's ``pretrained=True``: torchvision's first ImageNet weights (V1), not DEFAULT (V2).
+RESNET_SPECS: dict[bool, tuple[str, str, str, int]] = {
+    True: ("resnet18", "ResNet18_Weights", "IMAGENET1K_V1", 512),
+    False: ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1", 2048),
+}
+
+
+def resnet_spec(hparams: dict) -> tuple[str, str, str, int]:
+    """(torchvision builder, weights enum, weights member, n features) for ``hparams``:
+    ResNet-18 when ``hparams["resnet18"]``, else ResNet-50, with the V1 ImageNet weights."""
+    return RESNET_SPECS[bool(hparams.get("resnet18", False))]
+
+
 class ResNet(nn.Module):
     """torchvision ResNet-18/50 features; BatchNorm layers stay in eval mode."""
 
     def __init__(self, input_shape: tuple[int, ...], hparams: dict, pretrained: bool = True):
         super().__init__()
         models = _torchvision_models()
-        if hparams.get("resnet18", False):
-            weights = models.ResNet18_Weights.DEFAULT if pretrained else None
-            self.network, self.n_outputs = models.resnet18(weights=weights), 512
-        else:
-            weights = models.ResNet50_Weights.DEFAULT if pretrained else None
-            self.network, self.n_outputs = models.resnet50(weights=weights), 2048
+        builder, enum, member, self.n_outputs = resnet_spec(hparams)
+        weights = getattr(getattr(models, enum), member) if pretrained else None
+        self.network = getattr(models, builder)(weights=weights)
         if input_shape[0] != 3:  # DomainBed: repeat the RGB filters over the input channels
             old = self.network.conv1.weight.data.clone()
             self.network.conv1 = nn.Conv2d(input_shape[0], 64, 7, 2, 3, bias=False)
