@@ -73,13 +73,18 @@ def test_sweep_launch_and_delete_incomplete(sweep_dir, capsys):
     assert summary(jobs)[DONE] == 6  # the command line made the same jobs as make_jobs
     (jobs[2].output_dir / "done").unlink()
     capsys.readouterr()
-    assert sweep.main(["launch", *sweep_args(sweep_dir, "--command_launcher", "local")]) == []
+    # as DomainBed: a submitit/Slurm launch leaves incomplete jobs alone (they may be queued)
+    assert sweep.main(["launch", *sweep_args(sweep_dir, "--command_launcher", "submitit")]) == []
     assert "6 jobs: 5 done, 1 incomplete, 0 not launched." in capsys.readouterr().out
     deleted = sweep.main(["delete_incomplete", *sweep_args(sweep_dir, "--command_launcher", "local")])
     assert [j.output_dir for j in deleted] == [jobs[2].output_dir] and not jobs[2].output_dir.exists()
     relaunched = sweep.main(["launch", *sweep_args(sweep_dir, "--command_launcher", "local")])
     assert [j.output_dir for j in relaunched] == [jobs[2].output_dir] and summary(jobs)[DONE] == 6
     assert summary(jobs)[INCOMPLETE] == 0
+    # the local launcher starts again an incomplete job that no process is training
+    (jobs[4].output_dir / "done").unlink()
+    relaunched = sweep.main(["launch", *sweep_args(sweep_dir, "--command_launcher", "local")])
+    assert [j.output_dir for j in relaunched] == [jobs[4].output_dir] and summary(jobs)[DONE] == 6
 
 
 def test_sweep_rejects_unknown_algorithm_before_launching(tmp_path, capsys):

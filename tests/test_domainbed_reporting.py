@@ -74,9 +74,12 @@ def test_truncated_line_is_skipped_with_warning_and_counted(sweep_copy):
 def test_run_without_done_is_reported_incomplete_and_left_out(sweep_copy):
     run = sorted(p for p in sweep_copy.iterdir() if p.is_dir())[0]
     (run / "done").unlink()
-    (sweep_copy / "not_started").mkdir()
+    not_started = sweep_copy / ("f" * 32)  # a job folder (md5-named) made before any record
+    not_started.mkdir()
+    (sweep_copy / "logs" / "submitit").mkdir(parents=True)  # not a run: neither read nor counted
+    (sweep_copy / "logs" / "submitit" / "0_log.out").write_text("log")
     sweep = load_records(sweep_copy)
-    assert sorted(sweep.incomplete_runs) == sorted([str(run), str(sweep_copy / "not_started")])
+    assert sorted(sweep.incomplete_runs) == sorted([str(run), str(not_started)])
     assert (len(sweep), sweep.n_runs) == (195, 41)
     assert "incomplete runs (no 'done'): 2" in build_report(sweep).to_text()
     assert len(load_records(sweep_copy, include_incomplete=True)) == 200

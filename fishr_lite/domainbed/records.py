@@ -94,12 +94,24 @@ def read_results_file(path: str | os.PathLike) -> tuple[list[dict[str, Any]], li
     return records, skipped
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run's folder (see :func:`load_records`), not a log folder."""
+    path = Path(path)
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    if (path / RESULTS_FILE).exists() or (path / DONE_FILE).exists():
+        return True
+    return len(path.name) == 32 and all(c in "0123456789abcdef" for c in path.name)
+
+
 def load_records(input_dir: str | os.PathLike, *, include_incomplete: bool = False) -> SweepRecords:
     """Read every run folder directly under ``input_dir`` (see the module docstring).
 
-    Every sub-folder whose name does not start with ``.`` is a run (DomainBed's sweep creates
-    the folder when it launches the run); files are ignored. Incomplete runs are listed, and
-    read only with ``include_incomplete``.
+    A sub-folder is a run if it holds ``results.jsonl`` or ``done``, or if its name is an md5
+    digest (32 hexadecimal digits: the sweep names each job's folder so, and creates it when the
+    job starts, before the first record). Other folders (``logs/``, submitit's, any name
+    starting with ``.``) and files are not runs: neither read nor counted. Incomplete runs are
+    listed, and read only with ``include_incomplete``.
     """
     root = Path(input_dir)
     if not root.is_dir():
@@ -108,7 +120,7 @@ def load_records(input_dir: str | os.PathLike, *, include_incomplete: bool = Fal
             f"sub-folders each hold a run's {RESULTS_FILE}."
         )
     sweep = SweepRecords()
-    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for run_dir in sorted(p for p in root.iterdir() if is_run_folder(p)):
         results, done = run_dir / RESULTS_FILE, (run_dir / DONE_FILE).exists()
         sweep.n_runs += 1
         if not done:

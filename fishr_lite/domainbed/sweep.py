@@ -27,6 +27,13 @@ them to Slurm through submitit (``--slurm_partition``, ``--gpus_per_node``,
 never launched and ``delete_incomplete`` removes the folders of the others not done; both
 list the jobs and ask for confirmation unless ``--skip_confirmation``. Unknown datasets and
 algorithms are rejected before anything runs.
+
+One difference from DomainBed, for the ``local`` launcher only: ``launch`` also starts again
+the incomplete jobs that no process is training any more (a launcher killed mid-job, even by
+``kill -9``, leaves one; :func:`.train.is_running` tells), so launching again finishes the
+sweep. With submitit or Slurm an incomplete job may be queued or running elsewhere, so, as in
+DomainBed, ``delete_incomplete`` then ``launch`` starts those over. Finished jobs are never
+run again. Folders in the sweep that are not jobs (``logs/``, submitit's folder) are left alone.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from typing import Any, Iterable, Optional, Sequence
 from .algorithms import ALGORITHM_CLASSES
 from .names import DATASET_ENVIRONMENTS
 from .splits import seed_hash
-from .train import train
+from .train import is_running, train
 
 NOT_LAUNCHED, INCOMPLETE, DONE = "Not launched", "Incomplete", "Done"
 
@@ -227,7 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Job]:
             delete(chosen)
             return chosen
         return []
-    chosen = [job for job in jobs if job.state == NOT_LAUNCHED]
+    chosen = [job for job in jobs if job.state == NOT_LAUNCHED or (
+        args.command_launcher == "local" and job.state == INCOMPLETE and not is_running(job.output_dir))]
     print(f"About to launch {len(chosen)} jobs.")
     if not chosen or not _confirm(args.skip_confirmation):
         return []

@@ -11,7 +11,10 @@ and of ``step_time``, ``env{i}_in_acc`` and ``env{i}_out_acc`` for every environ
 fsynced as it is written; ``done`` is written last. DomainBed's readers and ours read the file.
 
 A run does not resume mid-way: started again without ``done``, it discards its partial
-``results.jsonl`` and starts over. ::
+``results.jsonl`` and starts over. While it trains it holds an exclusive lock (``flock``) on
+``.running`` in its folder; the operating system drops the lock when the process dies, even
+by ``kill -9``, so :func:`is_running` tells a run in progress from one that was killed (the
+sweep relaunches the latter), and a second process cannot train the same run at once. ::
 
     python -m fishr_lite.domainbed.train --dataset ColoredMNIST --algorithm Fishr \
         --test_envs 2 --steps 1000 --output_dir out/run0
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -132,6 +136,45 @@ def _save_model(path: Path, args: dict, algorithm: torch.nn.Module, dataset: Any
                 "model_hparams": hparams, "model_dict": algorithm.state_dict()}, path)
 
 
+LOCK_FILE = ".running"
+
+
+def _flock(f: Any) -> bool:
+    """Take an exclusive non-blocking lock on the open file ``f``; False if another holds it.
+    Where ``fcntl`` does not exist (Windows), no lock is taken and True is returned."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def is_running(output_dir: str | os.PathLike) -> bool:
+    """True if a live process is training the run in ``output_dir`` (it holds the lock)."""
+    try:
+        with open(Path(output_dir) / LOCK_FILE) as f:
+            return not _flock(f)  # closing the file releases a lock we took
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold the run's lock while training; remove the lock file afterwards."""
+    with open(out / LOCK_FILE, "a") as f:
+        if not _flock(f):
+            raise RuntimeError(f"another process is training the run in {str(out)!r} (it holds "
+                               f"{LOCK_FILE}); wait for it, or kill it and start again.")
+        try:
+            yield
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+
+
 def train(args: dict[str, Any]) -> Path:
     """Run one training job described by DomainBed-style ``args``; returns its output folder."""
     check_args(args)
@@ -139,9 +182,17 @@ def train(args: dict[str, Any]) -> Path:
     args["test_envs"] = [int(t) for t in args["test_envs"]]
     out = Path(args["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
     if (out / "done").exists():
         return out
+    with _run_lock(out):
+        if not (out / "done").exists():  # another process may have finished it meanwhile
+            _train(args, out)
+    return out
+
+
+def _train(args: dict[str, Any], out: Path) -> None:
+    """The body of :func:`train`, run under the run's lock."""
+    results_path = out / "results.jsonl"
     results_path.unlink(missing_ok=True)  # a partial run starts over
 
     hparams = run_hparams(args["algorithm"], args["dataset"], args["hparams_seed"], args["trial_seed"])
@@ -196,7 +247,6 @@ def train(args: dict[str, Any]) -> Path:
     if not args["skip_model_save"]:
         _save_model(out / "model.pkl", args, algorithm, dataset, hparams)
     (out / "done").write_text("done")
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
