@@ -25,8 +25,8 @@ MODE="${1:-all}"
 if [[ "$MODE" == "--fetch" ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux2014_x86_64 -d .whl \
-    backpack-for-pytorch==1.7.1 unfoldNd==0.2.3
+    --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+    -d .whl backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 pillow==13.0.0  # pillow: RotatedMNIST
   ls .whl
   exit 0
 fi
