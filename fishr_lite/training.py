@@ -26,6 +26,7 @@ from fishr_lite.penalty import (
     DomainMovingAverage,
     averaged_distance,
     check_choice,
+    check_rows_per_domain,
     head_variances,
     split_domains,
 )
@@ -129,9 +130,7 @@ class FishrPenalty:
             domain_sizes = None
         elif isinstance(targets, Tensor):
             raise ValueError("pass one targets tensor per domain, matching the list of features.")
-        if domain_sizes is not None and [int(s) for s in domain_sizes] != [len(z) for z in features]:
-            raise ValueError(f"domain_sizes {list(domain_sizes)} differ from the per-domain row "
-                             f"counts {[len(z) for z in features]}.")
+        check_rows_per_domain([len(z) for z in features], domain_sizes)
         options = {k: v for k, v in self.options.items()
                    if k not in ("coordinate_reduction", "domain_reduction")}
         variances = head_variances(self.head, list(features), list(targets), loss=self.loss,
