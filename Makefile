@@ -70,7 +70,7 @@ bench: $(STAMP)
 clean:
 	rm -rf _build
 
-# Refresh stored outputs: make execute NB=book/00_colored_mnist_data.ipynb
+# Refresh stored outputs: make execute NB=book/06_colored_mnist_data.ipynb
 execute: $(STAMP)
 	$(BIN)/python tests/execute_notebooks.py $(NB)
 

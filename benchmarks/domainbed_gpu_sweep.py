@@ -9,7 +9,7 @@ every single test environment (no pairs, so no leave-one-domain-out selection), 
 Fishr and then every other algorithm registered in :mod:`fishr_lite.domainbed.algorithms`
 (they run after ERM and Fishr). That is 2 x 3 x (3 + 6) = 54 runs for ERM and Fishr. The run
 arguments are those of :func:`fishr_lite.domainbed.sweep.make_jobs`, so a run's folder has the
-same name as in the full sweep (chapter 9's ``paper`` profile), and ``--n-hparams 2`` later
+same name as in the full sweep (chapter 10's ``paper`` profile), and ``--n-hparams 2`` later
 adds draw 1 without redoing draw 0.
 
 How it was sized (estimated, not measured; no GPU was at hand). ``torch.utils.flop_counter``

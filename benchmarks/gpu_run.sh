@@ -8,7 +8,7 @@
 #   here:   bash benchmarks/gpu_run.sh --smoke       # step 3 on this CPU at tiny sizes (tests)
 #
 # Steps: (1) the step benchmark on the GPU (the CNN per-sample target of issue #3); (2) the
-# paper-profile Colored MNIST sweep: Table 2 (10 restarts) and chapter 7's ablations; (3) the
+# paper-profile Colored MNIST sweep: Table 2 (10 restarts) and chapter 8's ablations; (3) the
 # DomainBed sweep of benchmarks/domainbed_gpu_sweep.py: ColoredMNIST and RotatedMNIST, ERM and
 # Fishr, 8 runs at a time on the GPU; it starts no run after $DOMAINBED_STOP_STARTING_AFTER
 # seconds (default 360) and stops the runs still going at $DOMAINBED_TIME_LIMIT (default 510).

@@ -35,7 +35,7 @@ TORCHVISION = "torchvision==0.28.0"  # the release built for torch 2.13.0, as on
 COLAB_PREINSTALLED = [TORCHVISION, "numpy", "pandas", "matplotlib", "seaborn", "tqdm",
                       "ipykernel", "nbclient", "nbformat"]
 # chapter -> how many of its code cells to run (the setup cell is the first)
-CHAPTERS = {"book/00_colored_mnist_data.ipynb": 2, "book/05_fishr.ipynb": 3}
+CHAPTERS = {"book/06_colored_mnist_data.ipynb": 2, "book/05_fishr.ipynb": 3}
 GPU_HINT = "Runtime > Change runtime type > GPU"
 KERNEL = "fishr-colab-check"
 PROBE = """\

@@ -26,7 +26,7 @@ def test_gpu_sweep_is_domainbeds_runs_in_launch_order():
     assert all(len(j.args["test_envs"]) == 1 and j.args["hparams_seed"] == 0 for j in jobs)
     domainbed_defaults = {"steps", "checkpoint_freq", "max_per_env", "hparams"}  # not overridden
     assert all(not domainbed_defaults & set(j.args) for j in jobs)
-    # the same run folders as DomainBed's full ColoredMNIST sweep (chapter 9's paper profile)
+    # the same run folders as DomainBed's full ColoredMNIST sweep (chapter 10's paper profile)
     paper = {j.output_dir.name for j in profile_jobs("/tmp/sweep", "paper")}
     assert {j.output_dir.name for j in jobs if j.args["dataset"] == "ColoredMNIST"} <= paper
     trials = [j.args["trial_seed"] for j in jobs]
