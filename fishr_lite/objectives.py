@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fishr_lite.blocked import under_torch_func
 from fishr_lite.grads import LOSSES, summed_loss
 from fishr_lite.penalty import CONVENTIONS, DEFAULT_CONVENTION, DomainMovingAverage, check_choice
 from fishr_lite.training import FishrPenalty
@@ -68,7 +69,10 @@ class ERM(Objective):
 
 
 def _scale_gradient(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
-    """d R(w * s) / dw at w = 1, with R the mean loss of ``logits`` s (kept differentiable)."""
+    """d R(w * s) / dw at w = 1, with R the mean loss of ``logits`` s (kept differentiable);
+    by ``torch.func.grad`` inside ``torch.func`` transforms, where ``autograd.grad`` cannot go."""
+    if under_torch_func(logits):
+        return torch.func.grad(lambda w: mean_loss(logits * w, targets, loss))(logits.new_ones(()))
     scale = torch.ones((), dtype=logits.dtype, device=logits.device, requires_grad=True)
     (grad,) = torch.autograd.grad(mean_loss(logits * scale, targets, loss), [scale], create_graph=True)
     return grad

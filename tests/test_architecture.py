@@ -14,7 +14,7 @@ ALLOWED = {
     "head_variance": {"grads", "blocked"},
     "penalty": {"grads", "head_variance", "blocked"},
     "training": {"grads", "penalty"},
-    "objectives": {"grads", "penalty", "training"},
+    "objectives": {"grads", "penalty", "training", "blocked"},
     "diagnostics": {"grads", "penalty"},
     "data": set(),
     "toy": set(),

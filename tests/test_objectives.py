@@ -67,6 +67,25 @@ def test_irm_domainbed_form_is_the_product_of_two_half_batch_estimates(loss):
     assert not torch.allclose(script, expected)  # the two forms are different estimates
 
 
+@pytest.mark.parametrize("convention", ["colored_mnist", "domainbed"])
+def test_irm_under_vmap_matches_one_batch_at_a_time(convention):
+    """Inside torch.func.vmap (batched restarts) IRM takes torch.func.grad: same values, and
+    gradients that reach the logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 8, dtype=torch.float64, requires_grad=True)  # (batch, domain, n)
+    targets = torch.randint(0, 2, (3, 2, 8)).double()
+    irm = make_objective("irm", nn.Linear(1, 1), convention=convention)
+
+    def penalty(s, y):
+        return irm.penalty([DomainBatch(s[e, :, None], s[e], y[e]) for e in range(2)])
+
+    batched = torch.func.vmap(penalty)(logits, targets)
+    one_at_a_time = torch.stack([penalty(logits[b], targets[b]) for b in range(3)])
+    torch.testing.assert_close(batched, one_at_a_time)
+    grads = [torch.autograd.grad(p.sum(), logits)[0] for p in (batched, one_at_a_time)]
+    torch.testing.assert_close(*grads)
+
+
 def test_vrex_conventions():
     _, head, domains = batches("bce", sizes=(6, 8))
     r = make_objective("erm", head).risks(domains)
