@@ -215,8 +215,10 @@ class ResultsCache:
         *,
         wall_time_s: float,
         device: str | torch.device | None = None,
+        extra_provenance: Mapping[str, Any] | None = None,
     ) -> dict:
-        """Write the record of a finished run atomically and return it."""
+        """Write the record of a finished run atomically and return it; ``extra_provenance``
+        adds fields to its provenance (how it was computed, e.g. batched with other runs)."""
         config = json.loads(canonical_json(dict(config)))
         record = {
             "format": FORMAT,
@@ -224,7 +226,7 @@ class ResultsCache:
             "key": self.key(config),
             "config": config,
             "result": dict(result),
-            "provenance": provenance(device, wall_time_s),
+            "provenance": {**provenance(device, wall_time_s), **(extra_provenance or {})},
         }
         write_json_atomic(self.path(config), record)
         return record
