@@ -22,10 +22,13 @@ provenance says ``"batched": {"restarts": [...], "wall_time_s": ...}`` and its
 It equals ``train`` up to float32 rounding, not bit for bit: the matrix products run batched,
 and inside ``torch.func`` the Fishr variance takes the plain formula
 (``penalty.reference_variance``) where ``train`` takes the row-blocked one
-(``tests/test_batched_restarts.py``). A Fishr moving average (``objective_options`` with
-``ema``) keeps state between steps and is refused here, as is a diagnostics callback.
+(``tests/test_batched_restarts.py``, 12 steps at tiny sizes; over 501 steps such differences
+can grow, as between a CPU and a GPU record of one configuration). A Fishr moving average (an
+``ema`` in ``objective_options``, or DomainBed's convention) keeps state between steps and is
+refused here, as is a diagnostics callback.
 
-Command line (the options of ``python -m fishr_lite.experiments.coloredmnist``)::
+Command line (the options of ``python -m fishr_lite.experiments.coloredmnist``, plus
+``--hidden-dim``)::
 
     python -m fishr_lite.experiments.coloredmnist_batched --algorithm erm --algorithm irm \\
         --algorithm vrex --algorithm fishr --profile paper --restarts 10 --device cuda
