@@ -1,5 +1,6 @@
 """The one-GPU DomainBed sweep (benchmarks/domainbed_gpu_sweep.py and gpu_run.sh's step 3):
-its runs, its cost estimate, and the whole path on the CPU at tiny sizes (--smoke)."""
+its runs, its cost estimate, and the whole path on the CPU at tiny sizes (--smoke, which also
+runs step 2's batched Colored MNIST Table 2 at tiny sizes)."""
 
 import json
 import os
@@ -61,6 +62,21 @@ def _smoke(tmp_path: Path, out: str) -> subprocess.CompletedProcess:
     return result
 
 
+def check_table2_smoke(first_out: Path, second_out: Path) -> None:
+    """Step 2's Table 2 at tiny sizes: 4 algorithms x 2 restarts trained batched, archived, and
+    read back (not retrained) by the second call."""
+    archives = []
+    for out in (first_out, second_out):
+        assert "8 records in" in (out / "coloredmnist_table2.txt").read_text()
+        with tarfile.open(out / "coloredmnist_records.tgz") as tar:
+            archives.append({m.name: json.load(tar.extractfile(m)) for m in tar.getmembers()
+                             if m.isfile()})
+    assert len(archives[0]) == 8 and archives[0] == archives[1]
+    for record in archives[0].values():
+        assert record["provenance"]["batched"]["restarts"] == [0, 1]
+        assert record["config"]["algorithm"] in ("erm", "irm", "vrex", "fishr")
+
+
 @pytest.mark.slow
 def test_smoke_runs_the_sweep_archives_it_and_resumes(tmp_path):
     first = _smoke(tmp_path, "out1")
@@ -85,6 +101,8 @@ def test_smoke_runs_the_sweep_archives_it_and_resumes(tmp_path):
     assert not any("0123abcd" in n for n in names) and sum(n.endswith("/done") for n in names) == 18
     assert len((tmp_path / "base" / "data/results/domainbed/gpu_sweep_smoke/calls.jsonl")
                .read_text().splitlines()) == 1
+
+    check_table2_smoke(tmp_path / "out1", tmp_path / "out2")
 
     report = build_report(sweep_dir)
     assert report.sweep.n_runs == 18 and report.sweep.n_incomplete_runs == 0
