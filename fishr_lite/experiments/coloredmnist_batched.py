@@ -52,14 +52,15 @@ from fishr_lite.objectives import DomainBatch, FishrObjective, make_objective
 from fishr_lite.profiles import default_device
 from fishr_lite.results import ResultsCache
 
-#: (images, labels) of one environment: (n, 2, 14, 14) and (n,) for one restart, with a
-#: leading restart dimension R where they are stacked.
+#: One environment's images and labels, shapes (n, 2, 14, 14) and (n,) for one restart, with
+#: a leading restart dimension R where they are stacked.
 ImagesAndLabels = tuple[Tensor, Tensor]
 
 
 def check_batchable(configs: Sequence[cm.Config | dict]) -> list[cm.Config]:
-    """The configurations as :class:`Config` objects, if they differ only in ``restart`` (all
-    distinct) and keep no state between steps; a ValueError saying why otherwise."""
+    """The configurations as :class:`~fishr_lite.experiments.coloredmnist.Config` objects, if
+    they differ only in ``restart`` (all distinct) and keep no state between steps; a
+    ValueError saying why otherwise."""
     if len(configs) == 0:
         raise ValueError("no configurations given; pass one per restart to train together")
     if any(isinstance(c, dict) and "diagnostics" in c for c in configs):
@@ -83,8 +84,8 @@ def check_batchable(configs: Sequence[cm.Config | dict]) -> list[cm.Config]:
 @functools.lru_cache(maxsize=1)
 def stacked_environments(restarts: tuple[int, ...], label_flip: float, fraction: float,
                          device: str) -> tuple[ImagesAndLabels, ...]:
-    """The four environments of :func:`coloredmnist.environments` for each restart, stacked
-    (cached: the algorithms of one sweep share their data)."""
+    """The four environments of :func:`~fishr_lite.experiments.coloredmnist.environments` for
+    each restart, stacked (cached: the algorithms of one sweep share their data)."""
     per_restart = [cm.environments(r, label_flip, fraction, device) for r in restarts]
     sizes = {tuple(len(env) for env in envs) for envs in per_restart}
     if len(sizes) != 1:  # colored_mnist's sizes do not depend on the seed; stacking needs it
@@ -95,7 +96,8 @@ def stacked_environments(restarts: tuple[int, ...], label_flip: float, fraction:
 
 
 def correct_fraction(logits: Tensor, labels: Tensor) -> Tensor:
-    """:func:`coloredmnist.accuracy` as a tensor: mean of [(logit > 0) == label]."""
+    """:func:`~fishr_lite.experiments.coloredmnist.accuracy` as a tensor: mean of
+    [(logit > 0) == label]."""
     return ((logits > 0).float() == labels).float().mean()
 
 
@@ -155,7 +157,7 @@ def history_rows(row: dict[str, Tensor], step: int) -> list[dict[str, float]]:
 def train_restarts(configs: Sequence[cm.Config | dict],
                    device: torch.device | str | None = None) -> list[dict[str, Any]]:
     """Train the restarts of ``configs`` together; one result per config, in order, shaped as
-    :func:`coloredmnist.train`'s (see the module docstring)."""
+    :func:`~fishr_lite.experiments.coloredmnist.train`'s (see the module docstring)."""
     configs = check_batchable(configs)
     config = configs[0]
     device = torch.device(device) if device is not None else default_device()
@@ -202,8 +204,9 @@ def run_batched(
     progress: bool | None = None,
     **overrides: Any,
 ) -> list[dict]:
-    """:func:`coloredmnist.run` with the missing restarts of each algorithm trained together by
-    :func:`train_restarts`; the same records, in the same order, in the same cache."""
+    """:func:`~fishr_lite.experiments.coloredmnist.run` with the missing restarts of each
+    algorithm trained together by :func:`train_restarts`; the same records, in the same order,
+    in the same cache."""
     configs = cm.make_configs(algorithms, profile=profile, restarts=restarts,
                               label_flip=label_flip, **overrides)
     device = torch.device(device) if device is not None else default_device()
