@@ -30,12 +30,21 @@ def test_mnist_cnn_width_default_is_domainbeds_network():
 def test_profile_jobs_keep_the_protocol_and_fix_only_what_costs_time():
     quick = profile_jobs("/tmp/sweep", "quick")
     p = SWEEP_PROFILES["quick"]
+    assert p["algorithms"] == ["ERM", "Fishr", "IRM", "VREx", "CORAL"]
+    assert len(quick) == 5 * 2 * 1 * (3 + 3)  # algorithms x draws x trials x test envs and pairs
     assert len(quick) == len(p["algorithms"]) * p["n_hparams"] * p["n_trials"] * (3 + 3)
-    fishr = [json.loads(j.args["hparams"]) for j in quick if j.args["algorithm"] == "Fishr"]
-    erm = [json.loads(j.args["hparams"]) for j in quick if j.args["algorithm"] == "ERM"]
-    assert all(h == {"batch_size": 32, "mnist_cnn_width": 8, "penalty_anneal_iters": 50} for h in fishr)
-    assert all("penalty_anneal_iters" not in h for h in erm)
+    fixed = {a: [json.loads(j.args["hparams"]) for j in quick if j.args["algorithm"] == a]
+             for a in p["algorithms"]}
+    base = {"batch_size": 32, "mnist_cnn_width": 8}
+    # each penalty's warm-up is the fraction of training DomainBed's default leaves without it
+    warmups = {"Fishr": {"penalty_anneal_iters": 50}, "IRM": {"irm_penalty_anneal_iters": 16},
+               "VREx": {"vrex_penalty_anneal_iters": 16}}
+    for algorithm, hparams in fixed.items():
+        assert len(hparams) == 12
+        assert all(h == {**base, **warmups.get(algorithm, {})} for h in hparams), algorithm
+    assert {j.args["hparams_seed"] for j in quick} == {0, 1}
     assert {j.args["max_per_env"] for j in quick} == {1000}
+    assert {(j.args["steps"], j.args["checkpoint_freq"]) for j in quick} == {(160, 80)}
     paper = profile_jobs("/tmp/sweep", "paper")
     assert len(paper) == 2 * 20 * 3 * 6
     assert all("hparams" not in j.args and "steps" not in j.args and "max_per_env" not in j.args
