@@ -27,6 +27,13 @@ def test_bench_step_quick_writes_a_complete_record(tmp_path):
     kinds = {"erm", "fishr_closed_form", "fishr_backpack", "fishr_functorch", "naive_backpack_whole_network"}
     assert set(record["mlp"]["ratio_to_erm"]) == kinds
     assert record["mlp"]["ratio_to_erm"]["erm"] == 1.0
+    times = record["mlp"]["times_s"]  # the per-round spread, recomputed from the raw times
+    for kind in kinds:
+        ratios = sorted(t / e for t, e in zip(times[kind], times["erm"]))
+        spread = record["mlp"]["ratio_to_erm_per_round"][kind]
+        assert (spread["min"], spread["max"]) == (ratios[0], ratios[-1]), kind
+        assert spread["min"] <= spread["median"] <= spread["max"], kind
+    assert "per round" in result.stdout
     for key in ("rate_gflops", "erm_matmul_gflop", "erm_over_gemm_time", "erm_over_step_shapes_gemm_time"):
         assert record["mlp"]["gemm"][key] > 0, key
     assert set(record["cnn"]["median_s"]) == {"functorch", "backpack", "loop", "batch_gradient"}
