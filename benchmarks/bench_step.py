@@ -38,15 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import fishr_lite
+from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing_freed_memory
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
-from fishr_lite.objectives import DomainBatch, make_objective
+from fishr_lite.objectives import make_objective
 from fishr_lite.penalty import COLORED_MNIST_CONVENTION, fishr_penalty
 
 TARGETS = {
-    "fishr_closed_form_over_erm_max": 1.10,
+    "fishr_closed_form_over_erm_max": 1.05,
     "fishr_backpack_over_erm_max": 1.25,
-    "erm_over_gemm_time_max": 1.6,
-    "per_sample_speedup_over_loop_min": 20.0,
+    "erm_over_step_shapes_gemm_time_max": 1.15,
+    "cnn_share_of_ceiling_min_cpu": 0.80,  # torch.func's speed-up over the loop / the ceiling
+    "per_sample_speedup_over_loop_min_gpu": 20.0,
 }
 L2_WEIGHT = 0.00110794568  # the Colored MNIST script's weight decay term
 PENALTY_WEIGHT = 91257.18613115903
@@ -111,11 +113,8 @@ def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]
     objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce", **options)
     weight = 1.0 if kind == "erm" else PENALTY_WEIGHT
 
-    def step() -> None:
-        batches = []
-        for x, y in data:
-            z = model.featurizer(x)
-            batches.append(DomainBatch(z, model.head(z).squeeze(-1), y))
+    def step() -> None:  # with the closed form, domain_batch computes the head and its variances together
+        batches = [objective.domain_batch(model.featurizer(x), y) for x, y in data]
         loss = regularized(objective.risks(batches).mean())
         if kind != "erm":
             loss = (loss + weight * objective.penalty(batches)) / weight
@@ -162,8 +161,9 @@ def synchronize(device: str) -> None:
 
 
 def round_robin(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
-                device: str = "cpu") -> dict[str, list[float]]:
-    """Run each task ``warmup`` times, then ``repeats`` rounds of one call each, interleaved."""
+                device: str = "cpu", faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
+    """Run each task ``warmup`` times, then ``repeats`` rounds of one call each, interleaved;
+    if ``faults`` is given, it receives each call's count of minor page faults."""
     for task in tasks.values():
         for _ in range(warmup):
             task()
@@ -171,10 +171,13 @@ def round_robin(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int 
     for _ in range(repeats):
         for name, task in tasks.items():
             synchronize(device)
+            faults_before = minor_page_faults()
             start = time.perf_counter()
             task()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_page_faults() - faults_before)
     return times
 
 
@@ -197,7 +200,8 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
     tasks = {kind: make_mlp_step(kind, copy.deepcopy(base), data) for kind in kinds}
     tasks["gemm_square"] = make_square_gemm(gemm_size, device)
     tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2, device=device)
-    times = round_robin(tasks, repeats, device=device)
+    faults: dict[str, list[int]] = {}
+    times = round_robin(tasks, repeats, device=device, faults=faults)
     medians = {name: statistics.median(t) for name, t in times.items()}
     gemm_rate = 2 * gemm_size**3 / medians["gemm_square"]
     flops = erm_matmul_flops(2 * n_per_domain)
@@ -209,6 +213,8 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
         "median_s": medians,
         "ratio_to_erm": {k: medians[k] / medians["erm"] for k in kinds},
         "ratio_to_erm_per_round": per_round_spread(times, kinds),
+        # 4 KB pages the kernel had to supply during one call: fresh memory for large tensors
+        "minor_page_faults_median": {name: statistics.median(f) for name, f in faults.items()},
         "gemm": {
             "square_size": gemm_size,
             "rate_gflops": gemm_rate / 1e9,
@@ -312,19 +318,27 @@ def provenance(device: str = "cpu") -> dict:
         "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
         "transparent_hugepage": thp_mode,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "reuse_freed_memory": reusing_freed_memory(),
         "git_commit": commit,
     }
 
 
-def check_targets(mlp: dict, cnn: dict) -> dict:
-    ratios = mlp["ratio_to_erm"]
-    best = max(cnn["speedup_over_loop"].values())
-    return {
+def check_targets(mlp: dict, cnn: dict, device: str = "cpu") -> dict:
+    """[value, met] for each target: the MLP ratios, and for the CNN the torch.func speed-up
+    as a share of the machine's ceiling (CPU) or over the loop (GPU)."""
+    ratios, erm_over_gemms = mlp["ratio_to_erm"], mlp["gemm"]["erm_over_step_shapes_gemm_time"]
+    met = {
         "fishr_closed_form_over_erm": [ratios["fishr_closed_form"], ratios["fishr_closed_form"] <= TARGETS["fishr_closed_form_over_erm_max"]],
         "fishr_backpack_over_erm": [ratios["fishr_backpack"], ratios["fishr_backpack"] <= TARGETS["fishr_backpack_over_erm_max"]],
-        "erm_over_gemm_time": [mlp["gemm"]["erm_over_gemm_time"], mlp["gemm"]["erm_over_gemm_time"] <= TARGETS["erm_over_gemm_time_max"]],
-        "per_sample_speedup_over_loop": [best, best >= TARGETS["per_sample_speedup_over_loop_min"]],
+        "erm_over_step_shapes_gemm_time": [erm_over_gemms, erm_over_gemms <= TARGETS["erm_over_step_shapes_gemm_time_max"]],
     }
+    speedup = cnn["speedup_over_loop"]["functorch"]
+    if torch.device(device).type == "cuda":
+        met["per_sample_speedup_over_loop"] = [speedup, speedup >= TARGETS["per_sample_speedup_over_loop_min_gpu"]]
+    else:
+        share = speedup / cnn["speedup_ceiling"]
+        met["cnn_share_of_ceiling"] = [share, share >= TARGETS["cnn_share_of_ceiling_min_cpu"]]
+    return met
 
 
 def print_table(record: dict) -> None:
@@ -335,7 +349,9 @@ def print_table(record: dict) -> None:
     for kind, ratio in mlp["ratio_to_erm"].items():
         rounds = spread.get(kind)
         per_round = f"   (per round {rounds['min']:.2f}-{rounds['max']:.2f})" if rounds else ""
-        print(f"  {kind:32s} {mlp['median_s'][kind] * 1e3:9.1f} ms   {ratio:5.2f} x ERM{per_round}")
+        faults = mlp.get("minor_page_faults_median", {}).get(kind)
+        paged = f"   {faults * 4096 / 1e6:5.0f} MB paged in" if faults is not None else ""
+        print(f"  {kind:32s} {mlp['median_s'][kind] * 1e3:9.1f} ms   {ratio:5.2f} x ERM{per_round}{paged}")
     g = mlp["gemm"]
     print(f"  GEMM rate {g['rate_gflops']:.1f} GFLOP/s; ERM matmuls {g['erm_matmul_gflop']:.1f} GFLOP -> "
           f"{g['erm_matmul_time_at_rate_s'] * 1e3:.1f} ms; ERM step = {g['erm_over_gemm_time']:.2f} x that "
@@ -359,11 +375,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, default=None, help="MLP repeats (default 7, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (default: fishr_lite.cpu_memory."
+                        "reuse_freed_memory(), so large freed tensors are reused, not page-faulted again)")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch sees no CUDA GPU; run on a GPU machine or use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_allocator:
+        reuse_freed_memory()
     warnings.filterwarnings("ignore", category=UserWarning)  # BackPACK / create_graph chatter
     quick = args.quick
     mlp = bench_mlp(n_per_domain=500 if quick else 25_000, repeats=args.repeats or (2 if quick else 7),
@@ -371,7 +392,7 @@ def main(argv: list[str] | None = None) -> Path:
     cnn = bench_cnn(batch=4 if quick else 64, repeats=1 if quick else 3, device=args.device)
     record = {"benchmark": "bench_step", "quick": quick, "provenance": provenance(args.device), "targets": TARGETS,
               "mlp": mlp, "cnn": cnn}
-    record["targets_met"] = check_targets(mlp, cnn)
+    record["targets_met"] = check_targets(mlp, cnn, args.device)
     print_table(record)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -12,8 +12,9 @@ ALLOWED = {
     "grads": set(),
     "blocked": set(),
     "head_variance": {"grads", "blocked"},
+    "fused_head": {"grads", "blocked"},
     "penalty": {"grads", "head_variance", "blocked"},
-    "training": {"grads", "penalty"},
+    "training": {"grads", "penalty", "fused_head", "blocked"},
     "objectives": {"grads", "penalty", "training", "blocked"},
     "diagnostics": {"grads", "penalty"},
     "data": set(),
@@ -21,7 +22,8 @@ ALLOWED = {
     "gradient_agreement": set(),
     "profiles": set(),
     "plotting": set(),
-    "results": {"__init__"},  # reads fishr_lite.__version__ for provenance
+    "cpu_memory": set(),
+    "results": {"__init__", "cpu_memory"},  # reads fishr_lite.__version__ for provenance
     "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training",
                     "plotting", "diagnostics", "__init__"},
     "domainbed": {"data", "grads", "penalty", "training", "objectives", "profiles", "results",

@@ -40,8 +40,13 @@ def test_bench_step_quick_writes_a_complete_record(tmp_path):
     assert record["cnn"]["speedup_ceiling"] > 0
     assert set(record["cnn"]["speedup_over_loop"]) == {"functorch", "backpack"}
     assert set(record["targets_met"]) == {
-        "fishr_closed_form_over_erm", "fishr_backpack_over_erm", "erm_over_gemm_time", "per_sample_speedup_over_loop"
+        "fishr_closed_form_over_erm", "fishr_backpack_over_erm", "erm_over_step_shapes_gemm_time", "cnn_share_of_ceiling"
     }
+    share = record["targets_met"]["cnn_share_of_ceiling"][0]
+    assert share == record["cnn"]["speedup_over_loop"]["functorch"] / record["cnn"]["speedup_ceiling"]
+    assert record["provenance"]["reuse_freed_memory"] is True  # the default on glibc
+    faults = record["mlp"]["minor_page_faults_median"]
+    assert set(faults) >= kinds and all(f >= 0 for f in faults.values())
     assert "Targets:" in result.stdout
 
 
