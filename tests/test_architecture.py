@@ -24,7 +24,7 @@ ALLOWED = {
     "plotting": set(),
     "cpu_memory": set(),
     "results": {"__init__", "cpu_memory"},  # reads fishr_lite.__version__ for provenance
-    "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training",
+    "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training", "cpu_memory",
                     "plotting", "diagnostics", "__init__"},
     "domainbed": {"data", "grads", "penalty", "training", "objectives", "profiles", "results",
                   "plotting", "__init__"},

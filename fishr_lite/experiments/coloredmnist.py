@@ -55,6 +55,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite.data import Environment, colored_mnist
 from fishr_lite.experiments import progress_bar
 from fishr_lite.objectives import DomainBatch, Objective, make_objective
@@ -423,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=None,
                         help="override the profile's fraction of the data")
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # full-batch CPU steps: reuse large freed tensors (fishr_lite.cpu_memory)
     overrides = {key: value for key, value in
                  (("steps", args.steps), ("fraction", args.fraction)) if value is not None}
     algorithms = list(dict.fromkeys(args.algorithm))

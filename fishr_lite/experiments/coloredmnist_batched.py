@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite.experiments import coloredmnist as cm
 from fishr_lite.experiments import progress_bar
 from fishr_lite.objectives import DomainBatch, FishrObjective, make_objective
@@ -248,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=None, help="override the data fraction")
     parser.add_argument("--hidden-dim", type=int, default=None, help="override the MLP width")
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # full-batch CPU steps: reuse large freed tensors (fishr_lite.cpu_memory)
     options = (("steps", args.steps), ("fraction", args.fraction), ("hidden_dim", args.hidden_dim))
     overrides = {key: value for key, value in options if value is not None}
     start = time.perf_counter()

@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite import diagnostics as dx
 from fishr_lite.diagnostics.functional import Domain, flat_parameters, mean_loss_function
 from fishr_lite.experiments import coloredmnist as cm
@@ -278,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hidden-dim", type=int, default=None,
                         help="override the profile's hidden width")
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # full-batch CPU steps: reuse large freed tensors (fishr_lite.cpu_memory)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     overrides = {key: value for key, value in (("steps", args.steps), ("fraction", args.fraction),
