@@ -191,7 +191,24 @@ def per_round_spread(times: dict[str, list[float]], kinds: list[str]) -> dict[st
     return spread
 
 
-def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cpu") -> dict:
+def where_time_goes(tasks: dict[str, Callable[[], None]], kinds: list[str], top: int = 8) -> dict:
+    """Self time (ms) of the ``top`` heaviest operators of one call of each case, by
+    ``torch.profiler`` after the timed rounds (the profiler's overhead stays out of the times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    breakdown = {}
+    for kind in kinds:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            tasks[kind]()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        breakdown[kind] = {"total_ms": total / 1e3,
+                           "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 for e in events[:top]}}
+    return breakdown
+
+
+def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cpu",
+              breakdown: bool = False) -> dict:
     torch.manual_seed(0)
     data = [(torch.rand(n_per_domain, 392, device=device),
              torch.randint(0, 2, (n_per_domain,), device=device).float()) for _ in range(2)]
@@ -205,7 +222,8 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
     medians = {name: statistics.median(t) for name, t in times.items()}
     gemm_rate = 2 * gemm_size**3 / medians["gemm_square"]
     flops = erm_matmul_flops(2 * n_per_domain)
-    return {
+    extra = {"where_time_goes": where_time_goes(tasks, ["erm", "fishr_closed_form", "fishr_backpack"])} if breakdown else {}
+    return {**extra,
         "n_per_domain": n_per_domain,
         "domains": 2,
         "repeats": repeats,
@@ -363,6 +381,9 @@ def print_table(record: dict) -> None:
     if "speedup_ceiling" in cnn:
         print(f"  ceiling: the loop takes {cnn['speedup_ceiling']:.1f} x one batched backward (summed "
               "gradient), which bounds any per-sample engine's speed-up here")
+    for kind, split in mlp.get("where_time_goes", {}).items():
+        ops = ", ".join(f"{op} {ms:.0f}" for op, ms in split["top_ops_ms"].items())
+        print(f"  where {kind}'s {split['total_ms']:.0f} ms go (profiled, ms): {ops}")
     print("Targets:")
     for name, (value, ok) in record["targets_met"].items():
         print(f"  {name:32s} {value:7.2f}  {'met' if ok else 'MISSED'}")
@@ -375,6 +396,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, default=None, help="MLP repeats (default 7, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after the timed rounds, profile one step of ERM, closed form and BackPACK "
+                        "and store each one's heaviest operators (mlp.where_time_goes)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator as it is (default: fishr_lite.cpu_memory."
                         "reuse_freed_memory(), so large freed tensors are reused, not page-faulted again)")
@@ -388,7 +412,7 @@ def main(argv: list[str] | None = None) -> Path:
     warnings.filterwarnings("ignore", category=UserWarning)  # BackPACK / create_graph chatter
     quick = args.quick
     mlp = bench_mlp(n_per_domain=500 if quick else 25_000, repeats=args.repeats or (2 if quick else 7),
-                    gemm_size=256 if quick else 2048, device=args.device)
+                    gemm_size=256 if quick else 2048, device=args.device, breakdown=args.breakdown)
     cnn = bench_cnn(batch=4 if quick else 64, repeats=1 if quick else 3, device=args.device)
     record = {"benchmark": "bench_step", "quick": quick, "provenance": provenance(args.device), "targets": TARGETS,
               "mlp": mlp, "cnn": cnn}

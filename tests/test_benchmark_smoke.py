@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_step_quick_writes_a_complete_record(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out-dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--breakdown", "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -47,6 +47,11 @@ def test_bench_step_quick_writes_a_complete_record(tmp_path):
     assert record["provenance"]["reuse_freed_memory"] is True  # the default on glibc
     faults = record["mlp"]["minor_page_faults_median"]
     assert set(faults) >= kinds and all(f >= 0 for f in faults.values())
+    split = record["mlp"]["where_time_goes"]  # --breakdown: the heaviest operators of three cases
+    assert set(split) == {"erm", "fishr_closed_form", "fishr_backpack"}
+    for case in split.values():
+        assert 0 < sum(case["top_ops_ms"].values()) <= case["total_ms"] + 1e-6
+    assert "where erm's" in result.stdout
     assert "Targets:" in result.stdout
 
 
