@@ -40,7 +40,7 @@ from torch import nn
 import fishr_lite
 from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing_freed_memory
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
-from fishr_lite.objectives import make_objective
+from fishr_lite.objectives import DomainBatch, make_objective
 from fishr_lite.penalty import COLORED_MNIST_CONVENTION, fishr_penalty
 
 TARGETS = {
@@ -113,8 +113,11 @@ def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]
     objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce", **options)
     weight = 1.0 if kind == "erm" else PENALTY_WEIGHT
 
-    def step() -> None:  # with the closed form, domain_batch computes the head and its variances together
-        batches = [objective.domain_batch(model.featurizer(x), y) for x, y in data]
+    def step() -> None:
+        batches = []
+        for x, y in data:
+            z = model.featurizer(x)
+            batches.append(DomainBatch(z, model.head(z).squeeze(-1), y))
         loss = regularized(objective.risks(batches).mean())
         if kind != "erm":
             loss = (loss + weight * objective.penalty(batches)) / weight

@@ -27,13 +27,11 @@ from fishr_lite.training import FishrPenalty
 
 @dataclass
 class DomainBatch:
-    """One domain's batch: head input (attached to the graph), head output, targets; and the
-    head's gradient variances when :meth:`Objective.domain_batch` computed them with the logits."""
+    """One domain's batch: head input (attached to the graph), head output, targets."""
 
     features: Tensor  # (n, d)
     logits: Tensor  # (n,) for binary BCE-with-logits, (n, C) for cross-entropy
     targets: Tensor  # (n,) float 0/1 for "bce", long class indices for "ce"
-    head_variances: Optional[dict[str, Tensor]] = None
 
 
 def mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
@@ -55,11 +53,6 @@ class Objective:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
         check_choice("convention", convention, tuple(CONVENTIONS))
         self.head, self.loss, self.convention = head, loss, convention
-
-    def domain_batch(self, features: Tensor, targets: Tensor) -> DomainBatch:
-        """The batch of one domain, with ``logits = head(features)`` ((n,) for "bce")."""
-        logits = self.head(features)
-        return DomainBatch(features, logits.reshape(-1) if self.loss == "bce" else logits, targets)
 
     def risks(self, domains: Sequence[DomainBatch]) -> Tensor:
         """(E,) tensor of R_e = mean loss of domain e."""
@@ -159,18 +152,7 @@ class FishrObjective(Objective):
     def moving_average(self) -> Optional[DomainMovingAverage]:
         return self.fishr.moving_average
 
-    def domain_batch(self, features: Tensor, targets: Tensor) -> DomainBatch:
-        """As :meth:`Objective.domain_batch`; with the closed form and an ``nn.Linear`` head, the
-        logits and the head's gradient variances come from one pass over the features
-        (:mod:`fishr_lite.fused_head`), and :meth:`penalty` uses those variances."""
-        if not self.fishr.fuses_head(features):
-            return super().domain_batch(features, targets)
-        logits, variances = self.fishr.logits_and_variances(features, targets)
-        return DomainBatch(features, logits.reshape(-1) if self.loss == "bce" else logits, targets, variances)
-
     def penalty(self, domains: Sequence[DomainBatch], *, update: Optional[bool] = None) -> Tensor:
-        if domains and all(d.head_variances is not None for d in domains):
-            return self.fishr.penalty_from_variances([d.head_variances for d in domains], update=update)
         return self.fishr.penalty([d.features for d in domains], [d.targets for d in domains],
                                   logits=[d.logits for d in domains], update=update)
 

@@ -18,8 +18,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from fishr_lite.blocked import under_torch_func
-from fishr_lite.fused_head import linear_head_with_variances
 from fishr_lite.grads import engine_name
 from fishr_lite.penalty import (
     CONVENTION_EMA,
@@ -137,36 +135,7 @@ class FishrPenalty:
                    if k not in ("coordinate_reduction", "domain_reduction")}
         variances = head_variances(self.head, list(features), list(targets), loss=self.loss,
                                    engine=self.engine, logits=logits, **options)
-        return self.penalty_from_variances(variances, update=update)
-
-    def fuses_head(self, features: Tensor) -> bool:
-        """Whether :meth:`logits_and_variances` applies: the closed form of a diagonal penalty
-        for an ``nn.Linear`` head, float32/float64 features, no autocast, no torch.func."""
-        return (self.engine == "closed_form" and self.options["covariance"] == "diagonal"
-                and isinstance(self.head, nn.Linear) and features.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled() and not under_torch_func(features))
-
-    def logits_and_variances(self, features: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(head(features), variances)`` of one domain in one pass over its features (see
-        :mod:`fishr_lite.fused_head`); pass the variances of all domains to
-        :meth:`penalty_from_variances`. Same values and gradients as :meth:`penalty`."""
-        if not self.fuses_head(features):
-            raise ValueError("logits_and_variances needs engine='closed_form', a diagonal "
-                             "covariance, an nn.Linear head and float32/float64 features outside "
-                             "autocast and torch.func; call head(features) and penalty() instead.")
-        check_rows_per_domain([len(features)], None)
-        logits, variances = linear_head_with_variances(self.head, features, targets, self.loss,
-                                                       centered=self.options["centered"])
-        scale = self.options["grad_scale"] ** 2
-        return logits, {k: v * scale for k, v in variances.items()} if scale != 1.0 else variances
-
-    def penalty_from_variances(self, variances: Sequence[dict[str, Tensor]], *,
-                               update: Optional[bool] = None) -> Tensor:
-        """The penalty from per-domain variances ``[{name: v_e}]``: the moving average (if any),
-        then the distance between domains with the convention's reductions."""
-        if len(variances) == 0:
-            raise ValueError("no domains given; pass one dict of variances per training domain.")
-        return averaged_distance(list(variances), moving_average=self.moving_average, update=update,
+        return averaged_distance(variances, moving_average=self.moving_average, update=update,
                                  coordinate_reduction=self.options["coordinate_reduction"],
                                  domain_reduction=self.options["domain_reduction"])
 
