@@ -4,7 +4,8 @@ PyTorch allocates CPU tensors with glibc's ``malloc``. A block above glibc's mma
 (at most 32 MB by default; a Colored MNIST activation, 25,000 x 390 float32, is 39 MB) gets
 fresh pages from the kernel and returns them when freed, so every step of a full-batch
 training loop faults in, and zero-fills, each of its large tensors again: for the paper's
-MLP that is about 600 MB of 4 KB pages per step, a quarter of the step on a CPU.
+MLP that is about 600 MB of 4 KB pages per step. Reusing them made a paper-profile run (Fishr,
+one thread) 21% faster: 534 s instead of 674 s, with the same results to the bit.
 
 :func:`reuse_freed_memory` raises the mmap threshold and the trim threshold with
 ``mallopt``, so large blocks come from the heap and stay there once freed: the next step
