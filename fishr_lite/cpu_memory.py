@@ -10,11 +10,13 @@ one thread) 21% faster: 534 s instead of 674 s, with the same results to the bit
 :func:`reuse_freed_memory` raises the mmap threshold and the trim threshold with
 ``mallopt``, so large blocks come from the heap and stay there once freed: the next step
 reuses them. The arithmetic is unchanged (same values, same alignment), and the process
-keeps its peak memory instead of returning it between steps. Not every process profits: in about one
-short-lived test process in six, glibc on this machine still handed a freed 39 MB block back
-and faulted it in again on the next allocation (``minor_page_faults`` tells which case a
-process is in); the training runs and benchmarks measured so far all reused it. It is a setting of the whole
+keeps its peak memory instead of returning it between steps. It is a setting of the whole
 process, like ``torch.set_num_threads``: call it once, before training.
+
+Not every process profits: in about one short-lived test process in six, glibc on this
+machine still handed a freed 39 MB block back and faulted it in again on the next allocation
+(``minor_page_faults`` tells which case a process is in); the training runs and benchmarks
+measured so far all reused it.
 
 The same effect without code: ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=
 2147483647`` in the environment before Python starts.

@@ -45,8 +45,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite import diagnostics as dx
+from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite.diagnostics.functional import Domain, flat_parameters, mean_loss_function
 from fishr_lite.experiments import coloredmnist as cm
 from fishr_lite.experiments import progress_bar
