@@ -39,7 +39,9 @@ from torch import nn
 
 import fishr_lite
 from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing_freed_memory
+from fishr_lite.experiments.coloredmnist import MLP
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
+from fishr_lite.linear_relu import fused_linear_relu
 from fishr_lite.objectives import DomainBatch, make_objective
 from fishr_lite.penalty import COLORED_MNIST_CONVENTION, fishr_penalty
 
@@ -54,17 +56,6 @@ L2_WEIGHT = 0.00110794568  # the Colored MNIST script's weight decay term
 PENALTY_WEIGHT = 91257.18613115903
 
 
-class ColoredMnistMLP(nn.Module):
-    def __init__(self, hidden: int = 390) -> None:
-        super().__init__()
-        layers = [nn.Linear(2 * 14 * 14, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)]
-        for layer in layers:
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        self.featurizer = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU())
-        self.head = layers[2]
-
-
 def mnist_cnn(in_channels: int = 2, classes: int = 2) -> nn.Sequential:
     """DomainBed's MNIST_CNN featurizer (conv -> ReLU -> GroupNorm, x4) plus a linear head."""
     blocks, channels = [], [in_channels, 64, 128, 128, 128]
@@ -73,7 +64,7 @@ def mnist_cnn(in_channels: int = 2, classes: int = 2) -> nn.Sequential:
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
 
 
-def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]:
+def make_mlp_step(kind: str, model: MLP, data) -> Callable[[], None]:
     """One full-batch Adam step: risk + l2 + weight * penalty, loss divided by the weight."""
     optimizer = torch.optim.Adam(model.parameters(), lr=4.9e-4)
     params = list(model.parameters())
@@ -89,7 +80,7 @@ def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]
 
         def step() -> None:
             sizes = [len(y) for _, y in data]
-            all_logits = model.head(torch.cat([model.featurizer(x) for x, _ in data])).squeeze(-1)
+            all_logits = model.head(torch.cat([model.features(x) for x, _ in data])).squeeze(-1)
             logits = torch.split(all_logits, sizes)  # one head call: BackPACK stores one input
             risk = torch.stack([F.binary_cross_entropy_with_logits(s, y) for s, (_, y) in zip(logits, data)]).mean()
             with backpack(BatchGrad()):
@@ -116,8 +107,8 @@ def make_mlp_step(kind: str, model: ColoredMnistMLP, data) -> Callable[[], None]
     def step() -> None:
         batches = []
         for x, y in data:
-            z = model.featurizer(x)
-            batches.append(DomainBatch(z, model.head(z).squeeze(-1), y))
+            z, logits = model(x)
+            batches.append(DomainBatch(z, logits, y))
         loss = regularized(objective.risks(batches).mean())
         if kind != "erm":
             loss = (loss + weight * objective.penalty(batches)) / weight
@@ -215,9 +206,16 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
     torch.manual_seed(0)
     data = [(torch.rand(n_per_domain, 392, device=device),
              torch.randint(0, 2, (n_per_domain,), device=device).float()) for _ in range(2)]
-    base = ColoredMnistMLP().to(device)
+    base = MLP(hidden_dim=390).to(device)
     kinds = ["erm", "fishr_closed_form", "fishr_backpack", "fishr_functorch", "naive_backpack_whole_network"]
     tasks = {kind: make_mlp_step(kind, copy.deepcopy(base), data) for kind in kinds}
+    erm_plain = make_mlp_step("erm", copy.deepcopy(base), data)
+
+    def erm_plain_layers() -> None:  # Linear, then ReLU: the ERM step without the fused kernel
+        with fused_linear_relu(False):
+            erm_plain()
+
+    tasks["erm_plain_layers"] = erm_plain_layers
     tasks["gemm_square"] = make_square_gemm(gemm_size, device)
     tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2, device=device)
     faults: dict[str, list[int]] = {}
@@ -234,6 +232,9 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
         "median_s": medians,
         "ratio_to_erm": {k: medians[k] / medians["erm"] for k in kinds},
         "ratio_to_erm_per_round": per_round_spread(times, kinds),
+        # the ERM step with Linear then ReLU (no fused kernel) over the step the cases use
+        "erm_plain_layers_over_erm": medians["erm_plain_layers"] / medians["erm"],
+        "erm_plain_layers_over_erm_per_round": per_round_spread(times, ["erm_plain_layers"])["erm_plain_layers"],
         # 4 KB pages the kernel had to supply during one call: fresh memory for large tensors
         "minor_page_faults_median": {name: statistics.median(f) for name, f in faults.items()},
         "gemm": {
@@ -244,6 +245,7 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
             "erm_over_gemm_time": medians["erm"] / (flops / gemm_rate),
             "step_shapes_gemm_time_s": medians["gemm_step_shapes"],
             "erm_over_step_shapes_gemm_time": medians["erm"] / medians["gemm_step_shapes"],
+            "erm_plain_layers_over_step_shapes_gemm_time": medians["erm_plain_layers"] / medians["gemm_step_shapes"],
         },
     }
 
@@ -377,6 +379,11 @@ def print_table(record: dict) -> None:
     print(f"  GEMM rate {g['rate_gflops']:.1f} GFLOP/s; ERM matmuls {g['erm_matmul_gflop']:.1f} GFLOP -> "
           f"{g['erm_matmul_time_at_rate_s'] * 1e3:.1f} ms; ERM step = {g['erm_over_gemm_time']:.2f} x that "
           f"({g['erm_over_step_shapes_gemm_time']:.2f} x the step's own GEMMs, {g['step_shapes_gemm_time_s'] * 1e3:.1f} ms)")
+    if "erm_plain_layers_over_erm" in mlp:
+        rounds = mlp["erm_plain_layers_over_erm_per_round"]
+        print(f"  ERM step with Linear then ReLU (no fused kernel): {mlp['median_s']['erm_plain_layers'] * 1e3:.1f} ms = "
+              f"{mlp['erm_plain_layers_over_erm']:.2f} x the ERM step (per round {rounds['min']:.2f}-{rounds['max']:.2f}), "
+              f"{g['erm_plain_layers_over_step_shapes_gemm_time']:.2f} x its own GEMMs")
     print(f"MNIST_CNN per-sample gradients, batch {cnn['batch']}, median of {cnn['repeats']}:")
     for name, t in cnn["median_s"].items():
         speed = cnn["speedup_over_loop"].get(name)

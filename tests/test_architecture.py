@@ -22,9 +22,10 @@ ALLOWED = {
     "profiles": set(),
     "plotting": set(),
     "cpu_memory": set(),
+    "linear_relu": set(),
     "results": {"__init__", "cpu_memory"},  # reads fishr_lite.__version__ for provenance
     "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training", "cpu_memory",
-                    "plotting", "diagnostics", "__init__"},
+                    "linear_relu", "plotting", "diagnostics", "__init__"},
     "domainbed": {"data", "grads", "penalty", "training", "objectives", "profiles", "results",
                   "plotting", "__init__"},
 }
