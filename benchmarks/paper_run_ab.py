@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     from fishr_lite.experiments import coloredmnist as cm
+    from fishr_lite.results import git_commit, write_json_atomic
 
     config = cm.Config(args.algorithm, restart=args.restart).to_dict()
     if args.steps:
@@ -74,19 +75,16 @@ def main(argv: list[str] | None = None) -> Path:
         "final_test_acc": {"fused": fused["history"]["test_acc"][-1], "plain": plain["history"]["test_acc"][-1]},
         "history_max_abs_difference": gaps,
         "provenance": {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-                       "torch": torch.__version__,
-                       "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                                    text=True, cwd=root).stdout.strip() or None},
+                       "torch": torch.__version__, "git_commit": git_commit()},
     }
     print(f"{args.algorithm} restart {args.restart}, {config['steps']} steps, one thread each, side by side:")
     print(f"  fused Linear + ReLU {fused['wall_time_s']:7.1f} s   plain {plain['wall_time_s']:7.1f} s   "
           f"plain / fused {record['plain_over_fused']:.3f}")
     print(f"  final test accuracy {record['final_test_acc']['fused']:.4f} vs {record['final_test_acc']['plain']:.4f}; "
           f"largest history gaps {json.dumps({k: round(v, 5) for k, v in gaps.items()})}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = args.out_dir / f"paper_run_ab_{stamp}_{socket.gethostname()}.json"
-    path.write_text(json.dumps(record, indent=2))
+    write_json_atomic(path, record)
     print(f"wrote {path}")
     return path
 
