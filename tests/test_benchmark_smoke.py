@@ -64,3 +64,25 @@ def test_bench_step_without_cuda_says_so(tmp_path):
     )
     assert result.returncode == 2 and "sees no CUDA GPU" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_paper_run_ab_short_run_writes_both_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paper_run_ab.py"), "--steps", "2", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = list(tmp_path.glob("paper_run_ab_*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["config"]["steps"] == 2 and record["config"]["hidden_dim"] == 390
+    fused, plain = record["wall_time_s"]["fused"], record["wall_time_s"]["plain"]
+    assert fused > 0 and plain > 0
+    assert record["plain_over_fused"] == plain / fused
+    for kind in ("fused", "plain"):
+        assert 0.0 <= record["final_test_acc"][kind] <= 1.0
+    # the same two steps with two kernels: float32 rounding apart, not a different run
+    assert all(0.0 <= gap < 1e-3 for gap in record["history_max_abs_difference"].values())
+    assert record["provenance"]["git_commit"] not in (None, "")
+    assert "plain / fused" in result.stdout
