@@ -11,16 +11,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_bench_step_quick_writes_a_complete_record(tmp_path):
+def run_benchmark(script: str, out_dir: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``benchmarks/<script>.py`` writing into ``out_dir``; check that it wrote exactly one
+    ``<script>_*.json`` record, and return the process and that record."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--breakdown", "--out-dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--out-dir", str(out_dir)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    files = list(tmp_path.glob("bench_step_*.json"))
+    files = list(out_dir.glob(f"{script}_*.json"))
     assert len(files) == 1
-    record = json.loads(files[0].read_text())
+    return result, json.loads(files[0].read_text())
+
+
+@pytest.mark.slow
+def test_bench_step_quick_writes_a_complete_record(tmp_path):
+    result, record = run_benchmark("bench_step", tmp_path, "--quick", "--breakdown")
     assert record["provenance"]["device"] == "cpu" and record["provenance"]["gpu"] is None
     for key in ("date", "host", "torch", "backpack", "cpu", "torch_threads", "fishr_lite"):
         assert record["provenance"][key] not in (None, ""), key
@@ -68,14 +74,7 @@ def test_bench_step_without_cuda_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_paper_run_ab_short_run_writes_both_runs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "paper_run_ab.py"), "--steps", "2", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    files = list(tmp_path.glob("paper_run_ab_*.json"))
-    assert len(files) == 1
-    record = json.loads(files[0].read_text())
+    result, record = run_benchmark("paper_run_ab", tmp_path, "--steps", "2")
     assert record["config"]["steps"] == 2 and record["config"]["hidden_dim"] == 390
     fused, plain = record["wall_time_s"]["fused"], record["wall_time_s"]["plain"]
     assert fused > 0 and plain > 0
