@@ -40,6 +40,7 @@ from torch import nn
 import fishr_lite
 from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing_freed_memory
 from fishr_lite.experiments.coloredmnist import MLP
+from fishr_lite.head_variance import linear_head_variances
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
 from fishr_lite.linear_relu import fused_linear_relu
 from fishr_lite.objectives import DomainBatch, make_objective
@@ -143,6 +144,37 @@ def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1), device: str =
     return run
 
 
+def make_closed_form_parts(n: int, domains: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
+    """The closed-form penalty alone, on stored features (n, 390) and logits of ``domains``
+    domains: its forward, its forward and backward (gradients to features and logits), and
+    the one addition autograd makes in the step to sum the penalty's feature gradient with
+    the head's (an in-place add of two (n, 390) tensors per domain)."""
+    gen = torch.Generator().manual_seed(1)
+    head = nn.Linear(390, 1).to(device)
+    features = [torch.rand(n, 390, generator=gen).to(device).requires_grad_() for _ in range(domains)]
+    targets = [torch.randint(0, 2, (n,), generator=gen).float().to(device) for _ in range(domains)]
+    logits = [head(z).detach().squeeze(-1).requires_grad_() for z in features]
+    head_gradients = [torch.rand(n, 390, generator=gen).to(device) for _ in range(domains)]
+
+    def variances() -> list[dict[str, torch.Tensor]]:
+        return [linear_head_variances(head, z, y, logits=s) for z, y, s in zip(features, targets, logits)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            variances()
+
+    def forward_backward() -> None:
+        total = sum(v["weight"].sum() + v["bias"].sum() for v in variances())
+        torch.autograd.grad(total, features + logits)
+
+    def accumulate() -> None:
+        for into, z in zip(head_gradients, features):
+            into.add_(z.detach())
+
+    return {"closed_form_forward": forward, "closed_form_forward_backward": forward_backward,
+            "feature_gradient_accumulate": accumulate}
+
+
 def make_square_gemm(size: int, device: str = "cpu") -> Callable[[], None]:
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     return lambda: a @ b
@@ -218,6 +250,7 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
     tasks["erm_plain_layers"] = erm_plain_layers
     tasks["gemm_square"] = make_square_gemm(gemm_size, device)
     tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2, device=device)
+    tasks.update(make_closed_form_parts(n_per_domain, 2, device=device))
     faults: dict[str, list[int]] = {}
     times = round_robin(tasks, repeats, device=device, faults=faults)
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -235,6 +268,9 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
         # the ERM step with Linear then ReLU (no fused kernel) over the step the cases use
         "erm_plain_layers_over_erm": medians["erm_plain_layers"] / medians["erm"],
         "erm_plain_layers_over_erm_per_round": per_round_spread(times, ["erm_plain_layers"])["erm_plain_layers"],
+        # the closed form's extra time in the step, and its parts timed alone (see
+        # make_closed_form_parts): forward + backward + the gradient addition, over that extra
+        "closed_form_parts": closed_form_parts(medians),
         # 4 KB pages the kernel had to supply during one call: fresh memory for large tensors
         "minor_page_faults_median": {name: statistics.median(f) for name, f in faults.items()},
         "gemm": {
@@ -248,6 +284,18 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
             "erm_plain_layers_over_step_shapes_gemm_time": medians["erm_plain_layers"] / medians["gemm_step_shapes"],
         },
     }
+
+
+def closed_form_parts(medians: dict[str, float]) -> dict[str, float]:
+    """Where the closed form's extra step time goes: its penalty alone, forward and backward,
+    and the addition of its feature gradient to the head's, against the step's extra time."""
+    parts = medians["closed_form_forward_backward"] + medians["feature_gradient_accumulate"]
+    extra = medians["fishr_closed_form"] - medians["erm"]
+    return {"step_extra_s": extra,
+            "forward_s": medians["closed_form_forward"],
+            "backward_s": medians["closed_form_forward_backward"] - medians["closed_form_forward"],
+            "accumulate_s": medians["feature_gradient_accumulate"],
+            "parts_over_step_extra": parts / extra if extra > 0 else float("nan")}
 
 
 def bench_cnn(batch: int, repeats: int, device: str = "cpu") -> dict:
@@ -384,6 +432,12 @@ def print_table(record: dict) -> None:
         print(f"  ERM step with Linear then ReLU (no fused kernel): {mlp['median_s']['erm_plain_layers'] * 1e3:.1f} ms = "
               f"{mlp['erm_plain_layers_over_erm']:.2f} x the ERM step (per round {rounds['min']:.2f}-{rounds['max']:.2f}), "
               f"{g['erm_plain_layers_over_step_shapes_gemm_time']:.2f} x its own GEMMs")
+    if "closed_form_parts" in mlp:
+        parts = mlp["closed_form_parts"]
+        print(f"  the closed form adds {parts['step_extra_s'] * 1e3:.1f} ms to the step; alone, on stored features: "
+              f"forward {parts['forward_s'] * 1e3:.1f} ms, backward {parts['backward_s'] * 1e3:.1f} ms, "
+              f"adding its feature gradient to the head's {parts['accumulate_s'] * 1e3:.1f} ms "
+              f"({parts['parts_over_step_extra']:.2f} x the step's extra)")
     print(f"MNIST_CNN per-sample gradients, batch {cnn['batch']}, median of {cnn['repeats']}:")
     for name, t in cnn["median_s"].items():
         speed = cnn["speedup_over_loop"].get(name)

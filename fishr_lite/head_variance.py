@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fishr_lite.blocked import accumulation_dtype, refuse_torch_func, row_blocks
+from fishr_lite.blocked import accumulation_dtype, block_buffer, refuse_torch_func, row_blocks
 from fishr_lite.grads import head_residuals
 
 
@@ -51,8 +51,10 @@ class _WeightVariance(torch.autograd.Function):
             residual = residual.to(acc)
             mean = residual.T @ features.to(acc) / n if centered else None
             variance = features.new_zeros(residual.shape[1], features.shape[1], dtype=acc)
+            buffer = block_buffer(features, n, _deviation_shape(residual, features), acc)
             for a, b in row_blocks(n):
-                variance += _deviations(residual[a:b], features[a:b].to(acc), mean).square_().sum(dim=0)
+                block = _deviations(residual[a:b], features[a:b].to(acc), mean, out=buffer[: b - a])
+                variance += block.square_().sum(dim=0)
         ctx.centered = centered
         ctx.save_for_backward(residual, features, *(() if mean is None else (mean,)))
         return variance / n
@@ -69,9 +71,10 @@ class _WeightVariance(torch.autograd.Function):
         scaled = grad_v * (2.0 / n)
         grad_r = torch.empty_like(residual) if ctx.needs_input_grad[0] else None
         grad_z = torch.empty_like(features) if ctx.needs_input_grad[1] else None
+        buffer = block_buffer(features, n, _deviation_shape(residual, features), residual.dtype)
         for a, b in row_blocks(n):
             r, z = residual[a:b], features[a:b]
-            weighted = _deviations(r, z, mean).mul_(scaled)  # G∘D_i: (B, d) if C = 1, else (B, C, d)
+            weighted = _deviations(r, z, mean, out=buffer[: b - a]).mul_(scaled)  # G∘D_i
             if classes == 1:
                 if grad_z is not None:
                     torch.mul(weighted, r, out=grad_z[a:b])
@@ -98,13 +101,19 @@ def _plain_gradients(residual: Tensor, features: Tensor, centered: bool, grad_v:
     return grad_r, grad_z
 
 
-def _deviations(r: Tensor, z: Tensor, mean: Optional[Tensor]) -> Tensor:
-    """Per-sample weight gradients r_i z_i^T of a block minus ``mean`` (if given): (B, d) for
-    one output (C = 1, the common binary head), else (B, C, d)."""
+def _deviation_shape(residual: Tensor, features: Tensor) -> tuple[int, ...]:
+    """Shape of one sample's r_i z_i^T as :func:`_deviations` writes it: (d,) or (C, d)."""
+    d = features.shape[1]
+    return (d,) if residual.shape[1] == 1 else (residual.shape[1], d)
+
+
+def _deviations(r: Tensor, z: Tensor, mean: Optional[Tensor], out: Tensor) -> Tensor:
+    """Per-sample weight gradients r_i z_i^T of a block minus ``mean`` (if given), written into
+    ``out``: (B, d) for one output (C = 1, the common binary head), else (B, C, d)."""
     if r.shape[1] == 1:
-        return r * z if mean is None else torch.addcmul(-mean, r, z)
-    outer = r.unsqueeze(2) * z.unsqueeze(1)
-    return outer if mean is None else outer.sub_(mean)
+        return torch.mul(r, z, out=out) if mean is None else torch.addcmul(-mean, r, z, out=out)
+    torch.mul(r.unsqueeze(2), z.unsqueeze(1), out=out)
+    return out if mean is None else out.sub_(mean)
 
 
 def linear_head_variances(
