@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+import fishr_lite.compiled_variance as compiled_variance
 from fishr_lite.blocked import accumulation_dtype, block_buffer, refuse_torch_func, row_blocks
 from fishr_lite.grads import head_residuals
 
@@ -49,6 +50,11 @@ class _WeightVariance(torch.autograd.Function):
         acc = accumulation_dtype(features.dtype)
         with torch.autocast(features.device.type, enabled=False):
             residual = residual.to(acc)
+            if compiled_variance.takes_compiled_path(residual, features):
+                variance, mean = compiled_variance.run("forward", residual, features, centered)
+                ctx.centered = centered
+                ctx.save_for_backward(residual, features, *(() if mean is None else (mean,)))
+                return variance
             mean = residual.T @ features.to(acc) / n if centered else None
             variance = features.new_zeros(residual.shape[1], features.shape[1], dtype=acc)
             buffer = block_buffer(features, n, _deviation_shape(residual, features), acc)
@@ -64,9 +70,12 @@ class _WeightVariance(torch.autograd.Function):
         residual, features, *maybe_mean = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: plain operations, differentiable again
             return (*_plain_gradients(residual, features, ctx.centered, grad_v), None)
+        mean = maybe_mean[0] if maybe_mean else None
+        if compiled_variance.takes_compiled_path(residual, features):
+            grad_r, grad_z = compiled_variance.run("backward", residual, features, mean, grad_v)
+            return grad_r, grad_z, None
         features_dtype = features.dtype  # half precision: backward in float32, rounded once
         features = features.to(residual.dtype)
-        mean = maybe_mean[0] if maybe_mean else None
         n, classes = features.shape[0], residual.shape[1]
         scaled = grad_v * (2.0 / n)
         grad_r = torch.empty_like(residual) if ctx.needs_input_grad[0] else None

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fishr_lite"
 ALLOWED = {
     "grads": set(),
     "blocked": set(),
-    "head_variance": {"grads", "blocked"},
+    "compiled_variance": set(),
+    "head_variance": {"grads", "blocked", "compiled_variance"},
     "penalty": {"grads", "head_variance", "blocked"},
     "training": {"grads", "penalty"},
     "objectives": {"grads", "penalty", "training", "blocked"},

@@ -1,0 +1,89 @@
+"""The closed form's per-domain work fused by ``torch.compile`` (opt-in).
+
+For residuals r (n, C) and features z (n, d) of one domain, ``fishr_lite.head_variance``
+computes with eager operations over row blocks, a few passes over each block ::
+
+    forward : m = r^T z / n,   v = (1/n) sum_i (r_i z_i^T - m)^2           (m = 0 if not centered)
+    backward: W_i = G' o (r_i z_i^T - m),  G' = (2/n) dL/dv,
+              dL/dz_i = sum_c r_ic W_ic,   dL/dr_ic = W_ic . z_i
+
+Compiled by inductor, the forward is one matrix product and one fused loop, and the backward
+one loop that writes dL/dz and dL/dr together; the (n, C, d) per-sample gradients are never
+stored. On the Colored MNIST step (2 x 25,000 x 390 features, 2 CPU cores) that halves the
+penalty's own time, and the step's by about 3% (``benchmarks/bench_step.py``, case
+``fishr_closed_form_compiled``).
+
+It is off by default: on a CPU inductor needs a C++ compiler, and the first call for each
+shape compiles for a few seconds (the kernels are then cached on disk). Turn it on for a block
+with ``with compiled_closed_form():``. Only float32 and float64 tensors take it (half precision
+and ``create_graph=True`` keep the eager path); the values equal the eager ones up to float
+rounding (tested against the formula in float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+_enabled = False
+_compiled: dict[str, Callable] = {}
+
+
+def variance_forward(r: Tensor, z: Tensor, centered: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(v, m) of the module docstring; m is None if not centered."""
+    outer = r.unsqueeze(2) * z.unsqueeze(1)  # (n, C, d), fused away by the compiler
+    if not centered:
+        return outer.square().mean(dim=0), None
+    mean = r.T @ z / z.shape[0]
+    return (outer - mean).square().mean(dim=0), mean
+
+
+def variance_backward(r: Tensor, z: Tensor, mean: Optional[Tensor], grad_v: Tensor) -> tuple[Tensor, Tensor]:
+    """(dL/dr, dL/dz) of the module docstring."""
+    outer = r.unsqueeze(2) * z.unsqueeze(1)
+    weighted = (outer if mean is None else outer - mean) * (grad_v * (2.0 / z.shape[0]))
+    return (weighted * z.unsqueeze(1)).sum(dim=2), (weighted * r.unsqueeze(2)).sum(dim=1)
+
+
+def takes_compiled_path(residual: Tensor, features: Tensor) -> bool:
+    """Whether ``fishr_lite.head_variance`` uses the compiled kernels for these tensors."""
+    return (_enabled and features.dtype in (torch.float32, torch.float64)
+            and residual.dtype == features.dtype and residual.device == features.device)
+
+
+def compiled(name: str) -> Callable:
+    """``torch.compile`` of :func:`variance_forward` or :func:`variance_backward`, built once."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile({"forward": variance_forward, "backward": variance_backward}[name])
+    return _compiled[name]
+
+
+def run(name: str, *args: Optional[Tensor] | bool) -> tuple[Optional[Tensor], ...]:
+    """Call the compiled ``name`` on ``args``; a kernel inductor cannot build says what to do."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        return compiled(name)(*args)
+    except BackendCompilerFailed as error:
+        raise RuntimeError(
+            "compiled_closed_form(): torch.compile could not build the closed form's kernels "
+            f"({error.inner_exception!r}). On a CPU it needs a C++ compiler (e.g. `apt-get install "
+            "g++`); or leave compiled_closed_form off: the eager closed form gives the same values."
+        ) from error
+
+
+@contextlib.contextmanager
+def compiled_closed_form(enabled: bool = True) -> Iterator[None]:
+    """``with compiled_closed_form():`` makes the closed form use the compiled kernels."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+__all__ = ["compiled_closed_form", "takes_compiled_path", "variance_backward", "variance_forward"]
