@@ -462,7 +462,7 @@ def print_table(record: dict) -> None:
         print(f"  where {kind}'s {split['total_ms']:.0f} ms go (profiled, ms): {ops}")
     print("Targets:")
     for name, (value, ok) in record["targets_met"].items():
-        print(f"  {name:32s} {value:7.2f}  {'met' if ok else 'MISSED'}")
+        print(f"  {name:36s} {value:7.2f}  {'met' if ok else 'MISSED'}")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -9,8 +9,8 @@ computes with eager operations over row blocks, a few passes over each block ::
 
 Compiled by inductor, the forward is one matrix product and one fused loop, and the backward
 one loop that writes dL/dz and dL/dr together; the (n, C, d) per-sample gradients are never
-stored. On the Colored MNIST step (2 x 25,000 x 390 features, 2 CPU cores) that halves the
-penalty's own time, and the step's by about 3% (``benchmarks/bench_step.py``, case
+stored. On the Colored MNIST step (2 x 25,000 x 390 features) that makes the closed-form
+step a few percent cheaper on 2 CPU cores (``benchmarks/bench_step.py``, case
 ``fishr_closed_form_compiled``).
 
 It is off by default: on a CPU inductor needs a C++ compiler, and the first call for each
