@@ -10,8 +10,8 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make book   - build the HTML book into _build/html (stored outputs, no re-execution)"
 	@echo "make test   - unit tests, nbval over every chapter (quick profile), strict book build,"
-	@echo "              site check in headless chromium, Colab-path test (checks chromium and"
-	@echo "              npm first: installs them as root with apt, else prints the command)"
+	@echo "              site check in headless chromium, Colab-path test (checks chromium, npm"
+	@echo "              and g++ first: installs them as root with apt, else prints the command)"
 	@echo "make unit   - the unit tests alone; FAST=1 skips the slow ones (pytest -m 'not slow')"
 	@echo "make site-check - strict build, then every page rendered in Debian's chromium: images,"
 	@echo "              internal links and math checked, screenshots in _build/screenshots"
