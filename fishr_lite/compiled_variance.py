@@ -23,12 +23,14 @@ rounding (tested against the formula in float64).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-_enabled = False
+from fishr_lite.switches import Switch
+
+COMPILED = Switch(False)  # read by takes_compiled_path; changed by compiled_closed_form
 _compiled: dict[str, Callable] = {}
 
 
@@ -50,7 +52,7 @@ def variance_backward(r: Tensor, z: Tensor, mean: Optional[Tensor], grad_v: Tens
 
 def takes_compiled_path(residual: Tensor, features: Tensor) -> bool:
     """Whether ``fishr_lite.head_variance`` uses the compiled kernels for these tensors."""
-    return (_enabled and features.dtype in (torch.float32, torch.float64)
+    return (COMPILED.on and features.dtype in (torch.float32, torch.float64)
             and residual.dtype == features.dtype and residual.device == features.device)
 
 
@@ -75,15 +77,9 @@ def run(name: str, *args: Optional[Tensor] | bool) -> tuple[Optional[Tensor], ..
         ) from error
 
 
-@contextlib.contextmanager
-def compiled_closed_form(enabled: bool = True) -> Iterator[None]:
+def compiled_closed_form(enabled: bool = True) -> contextlib.AbstractContextManager:
     """``with compiled_closed_form():`` makes the closed form use the compiled kernels."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return COMPILED.turned(enabled)
 
 
 __all__ = ["compiled_closed_form", "takes_compiled_path", "variance_backward", "variance_forward"]

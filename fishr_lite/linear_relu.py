@@ -19,13 +19,15 @@ with differentiable operations, so ``create_graph=True`` works through it.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_enabled = True
+from fishr_lite.switches import Switch
+
+FUSED = Switch(True)  # read by takes_fused_path; changed by fused_linear_relu
 
 
 def _onednn_linear_pointwise():
@@ -66,7 +68,7 @@ class _FusedLinearReLU(torch.autograd.Function):
 def takes_fused_path(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether :func:`linear_relu` uses the oneDNN kernel for these tensors here."""
     return (
-        _enabled
+        FUSED.on
         and _KERNEL is not None
         and bias is not None
         and x.dim() == 2
@@ -83,15 +85,9 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.relu(F.linear(x, weight, bias))
 
 
-@contextlib.contextmanager
-def fused_linear_relu(enabled: bool) -> Iterator[None]:
+def fused_linear_relu(enabled: bool) -> contextlib.AbstractContextManager:
     """``with fused_linear_relu(False):`` makes :func:`linear_relu` take the plain ops."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return FUSED.turned(enabled)
 
 
 __all__ = ["fused_linear_relu", "linear_relu", "takes_fused_path"]

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fishr_lite"
 ALLOWED = {
     "grads": set(),
     "blocked": set(),
-    "compiled_variance": set(),
+    "switches": set(),
+    "compiled_variance": {"switches"},
     "head_variance": {"grads", "blocked", "compiled_variance"},
     "penalty": {"grads", "head_variance", "blocked"},
     "training": {"grads", "penalty"},
@@ -23,7 +24,7 @@ ALLOWED = {
     "profiles": set(),
     "plotting": set(),
     "cpu_memory": set(),
-    "linear_relu": set(),
+    "linear_relu": {"switches"},
     "results": {"__init__", "cpu_memory"},  # reads fishr_lite.__version__ for provenance
     "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training", "cpu_memory",
                     "linear_relu", "plotting", "diagnostics", "__init__"},
