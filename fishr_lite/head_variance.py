@@ -16,7 +16,8 @@ This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.training.Fi
 features are read in row blocks that fit in cache, so the penalty costs four passes over
 the features (two forward, two backward) instead of a dozen, and allocates one (n, d)
 tensor. The result equals ``domain_variances(closed_form_grads(...))`` (tested in float64,
-values and gradients).
+values and gradients). Inside ``with fishr_lite.compiled_variance.compiled_closed_form():``
+the forward and the backward run as kernels fused by ``torch.compile`` instead (opt-in).
 
 Half-precision features or logits (``torch.autocast``) are accumulated in float32. The
 backward is differentiable again (``create_graph=True``); under ``torch.func`` transforms the
