@@ -47,24 +47,16 @@ class _WeightVariance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual: Tensor, features: Tensor, centered: bool) -> Tensor:
-        n = features.shape[0]
         acc = accumulation_dtype(features.dtype)
         with torch.autocast(features.device.type, enabled=False):
             residual = residual.to(acc)
             if compiled_variance.takes_compiled_path(residual, features):
                 variance, mean = compiled_variance.run("forward", residual, features, centered)
-                ctx.centered = centered
-                ctx.save_for_backward(residual, features, *(() if mean is None else (mean,)))
-                return variance
-            mean = residual.T @ features.to(acc) / n if centered else None
-            variance = features.new_zeros(residual.shape[1], features.shape[1], dtype=acc)
-            buffer = block_buffer(features, n, _deviation_shape(residual, features), acc)
-            for a, b in row_blocks(n):
-                block = _deviations(residual[a:b], features[a:b].to(acc), mean, out=buffer[: b - a])
-                variance += block.square_().sum(dim=0)
+            else:
+                variance, mean = _blocked_variance(residual, features, centered)
         ctx.centered = centered
         ctx.save_for_backward(residual, features, *(() if mean is None else (mean,)))
-        return variance / n
+        return variance
 
     @staticmethod
     def backward(ctx, grad_v: Tensor):
@@ -79,12 +71,13 @@ class _WeightVariance(torch.autograd.Function):
         features = features.to(residual.dtype)
         n, classes = features.shape[0], residual.shape[1]
         scaled = grad_v * (2.0 / n)
+        negative_mean = None if mean is None else -mean
         grad_r = torch.empty_like(residual) if ctx.needs_input_grad[0] else None
         grad_z = torch.empty_like(features) if ctx.needs_input_grad[1] else None
         buffer = block_buffer(features, n, _deviation_shape(residual, features), residual.dtype)
         for a, b in row_blocks(n):
             r, z = residual[a:b], features[a:b]
-            weighted = _deviations(r, z, mean, out=buffer[: b - a]).mul_(scaled)  # G∘D_i
+            weighted = _deviations(r, z, negative_mean, out=buffer[: b - a]).mul_(scaled)  # G∘D_i
             if classes == 1:
                 if grad_z is not None:
                     torch.mul(weighted, r, out=grad_z[a:b])
@@ -96,6 +89,21 @@ class _WeightVariance(torch.autograd.Function):
             if grad_r is not None:
                 torch.sum(weighted.mul_(z.unsqueeze(1)), dim=2, out=grad_r[a:b])
         return grad_r, None if grad_z is None else grad_z.to(features_dtype), None
+
+
+def _blocked_variance(residual: Tensor, features: Tensor, centered: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(v^W, m) of :class:`_WeightVariance` (m None if not centered), ``residual`` already in
+    the accumulation dtype: m by one matrix product, then the squared deviations summed
+    block by block in one reused buffer."""
+    n = features.shape[0]
+    mean = residual.T @ features.to(residual.dtype) / n if centered else None
+    negative_mean = None if mean is None else -mean
+    variance = features.new_zeros(residual.shape[1], features.shape[1], dtype=residual.dtype)
+    buffer = block_buffer(features, n, _deviation_shape(residual, features), residual.dtype)
+    for a, b in row_blocks(n):
+        z = features[a:b].to(residual.dtype)
+        variance += _deviations(residual[a:b], z, negative_mean, out=buffer[: b - a]).square_().sum(dim=0)
+    return variance / n, mean
 
 
 def _plain_gradients(residual: Tensor, features: Tensor, centered: bool, grad_v: Tensor):
@@ -117,13 +125,16 @@ def _deviation_shape(residual: Tensor, features: Tensor) -> tuple[int, ...]:
     return (d,) if residual.shape[1] == 1 else (residual.shape[1], d)
 
 
-def _deviations(r: Tensor, z: Tensor, mean: Optional[Tensor], out: Tensor) -> Tensor:
-    """Per-sample weight gradients r_i z_i^T of a block minus ``mean`` (if given), written into
-    ``out``: (B, d) for one output (C = 1, the common binary head), else (B, C, d)."""
+def _deviations(r: Tensor, z: Tensor, negative_mean: Optional[Tensor], out: Tensor) -> Tensor:
+    """Per-sample weight gradients r_i z_i^T of a block plus ``negative_mean`` (-m, negated once
+    by the caller, if given), written into ``out``: (B, d) for one output (C = 1, the common
+    binary head), else (B, C, d)."""
     if r.shape[1] == 1:
-        return torch.mul(r, z, out=out) if mean is None else torch.addcmul(-mean, r, z, out=out)
+        if negative_mean is None:
+            return torch.mul(r, z, out=out)
+        return torch.addcmul(negative_mean, r, z, out=out)
     torch.mul(r.unsqueeze(2), z.unsqueeze(1), out=out)
-    return out if mean is None else out.sub_(mean)
+    return out if negative_mean is None else out.add_(negative_mean)
 
 
 def linear_head_variances(
