@@ -118,12 +118,15 @@ def per_sample_grads(
 def head_residuals(
     head: nn.Module, features: Tensor, targets: Tensor, loss: str, logits: Optional[Tensor] = None
 ) -> Tensor:
-    """Residuals r_i = dl_i/ds_i ``(n, C)`` of a head's scores s_i (``logits`` if given).
-
-    BCE with logits: r_i = sigmoid(s_i) - y_i; cross-entropy: r_i = softmax(s_i) - onehot(y_i).
-    Half-precision scores (``torch.autocast``) give float32 residuals.
-    """
+    """Residuals r_i = dl_i/ds_i ``(n, C)`` of a head's scores s_i (``logits`` if given); see
+    :func:`score_residuals`."""
     scores = head(features) if logits is None else logits.reshape(features.shape[0], -1)
+    return score_residuals(scores, targets, loss)
+
+
+def score_residuals(scores: Tensor, targets: Tensor, loss: str) -> Tensor:
+    """r_i = dl_i/ds_i ``(n, C)`` for scores s ``(n, C)``: sigmoid(s_i) - y_i (BCE with logits),
+    softmax(s_i) - onehot(y_i) (cross-entropy). Half-precision scores give float32 residuals."""
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if loss == "bce":
         return torch.sigmoid(scores) - bce_targets(targets, scores)

@@ -160,9 +160,14 @@ def linear_head_variances(
     residual = head_residuals(head, features, targets, loss, logits)
     variances = {"weight": _WeightVariance.apply(residual, features, centered)}
     if head.bias is not None:
-        deviation = residual - residual.mean(dim=0, keepdim=True) if centered else residual
-        variances["bias"] = deviation.pow(2).mean(dim=0)
+        variances["bias"] = bias_variance(residual, centered)
     return variances
 
 
-__all__ = ["linear_head_variances"]
+def bias_variance(residual: Tensor, centered: bool = True) -> Tensor:
+    """v^b = (1/n) sum_i (r_i - mean_j r_j)^2 (C,), the bias gradients being the residuals."""
+    deviation = residual - residual.mean(dim=0, keepdim=True) if centered else residual
+    return deviation.pow(2).mean(dim=0)
+
+
+__all__ = ["bias_variance", "linear_head_variances"]

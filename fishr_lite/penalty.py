@@ -32,13 +32,14 @@ object for a training loop (schedule, warm-up, optimizer reset) is
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from fishr_lite.blocked import column_variances, under_torch_func
 from fishr_lite.grads import engine_name, per_sample_grads
+from fishr_lite.fused_head import linear_head_with_variances
 from fishr_lite.head_variance import linear_head_variances
 
 Variances = list[dict[str, Tensor]]
@@ -223,9 +224,7 @@ def head_variances(
     check_rows_per_domain([len(z) for z in features], None)
     engine = engine_name(engine)
     scores = [None] * len(features) if logits is None else list(logits)
-    fused = (engine == "closed_form" and covariance == "diagonal" and isinstance(head, nn.Linear)
-             and not any(under_torch_func(z) for z in features))
-    if fused:
+    if _takes_closed_form(head, features, engine, covariance):
         return [{name: v * grad_scale ** 2 if grad_scale != 1.0 else v for name, v in
                  linear_head_variances(head, z, y, loss, centered=centered, logits=s).items()}
                 for z, y, s in zip(features, targets, scores)]
@@ -234,6 +233,40 @@ def head_variances(
     return domain_variances(grads, centered=centered, covariance=covariance, grad_scale=grad_scale,
                             full_covariance_divisor=full_covariance_divisor)
 
+
+
+def _takes_closed_form(head: nn.Module, features: Sequence[Tensor], engine: str, covariance: str) -> bool:
+    """Whether the variances come from ``fishr_lite.head_variance`` (no per-sample gradients)."""
+    return (engine == "closed_form" and covariance == "diagonal" and isinstance(head, nn.Linear)
+            and not any(under_torch_func(z) for z in features))
+
+
+def head_scores_and_variances(
+    head: nn.Module,
+    features: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    **options: Any,
+) -> tuple[list[Tensor], Variances]:
+    """``([head(z_e)], head_variances(...))``: each domain's scores, computed here, and the
+    variances of :func:`head_variances` (same ``options``) for them. With the closed form on an
+    ``nn.Linear`` head and a diagonal covariance, head and variances are one autograd node
+    per domain where ``fishr_lite.fused_head.takes_fused_path`` (compiled kernels, opt-in)."""
+    if len(targets) != len(features):
+        raise ValueError(f"{len(features)} feature tensors but {len(targets)} target tensors; "
+                         "pass one targets tensor per domain.")
+    if not _takes_closed_form(head, features, engine_name(options.get("engine", "closed_form")),
+                              options.get("covariance", "diagonal")):
+        scores = [head(z) for z in features]
+        return scores, head_variances(head, features, targets, logits=scores, **options)
+    check_rows_per_domain([len(z) for z in features], None)
+    grad_scale = options.get("grad_scale", 1.0)
+    scores, variances = [], []
+    for z, y in zip(features, targets):
+        s, v = linear_head_with_variances(head, z, y, options.get("loss", "bce"),
+                                          centered=options.get("centered", True))
+        scores.append(s)
+        variances.append({name: x * grad_scale ** 2 for name, x in v.items()} if grad_scale != 1.0 else v)
+    return scores, variances
 
 # --- between domains ---------------------------------------------------------------------
 
@@ -385,6 +418,7 @@ __all__ = [
     "fishr_penalty",
     "gradient_covariance",
     "gradient_variance",
+    "head_scores_and_variances",
     "head_variances",
     "reference_variance",
     "variance_distance",

@@ -27,6 +27,7 @@ from fishr_lite.penalty import (
     averaged_distance,
     check_choice,
     check_rows_per_domain,
+    head_scores_and_variances,
     head_variances,
     split_domains,
 )
@@ -123,6 +124,38 @@ class FishrPenalty:
         ``domain_sizes``. ``logits``: optional per-domain ``head(features)`` the training loop
         already computed. ``update``: advance the moving average (default: only when gradients
         are recorded; a call under ``torch.no_grad()`` leaves it where it was)."""
+        features, targets = self._per_domain(features, targets, domain_sizes)
+        variances = head_variances(self.head, features, targets, loss=self.loss, engine=self.engine,
+                                   logits=logits, **self._variance_options())
+        return self._distance(variances, update)
+
+    __call__ = penalty
+
+    def logits_and_penalty(
+        self,
+        features: Union[Tensor, Sequence[Tensor]],
+        targets: Union[Tensor, Sequence[Tensor]],
+        domain_sizes: Optional[Sequence[int]] = None,
+        *,
+        update: Optional[bool] = None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """``([head(z_e)], penalty)``: the head applied to each domain's features here, and the
+        penalty of :meth:`penalty` for them (same arguments, less ``logits``), for a loop whose
+        model stops at the features::
+
+            logits, penalty = fishr.logits_and_penalty([featurizer(x) for x in xs], ys)
+
+        Inside ``with fishr_lite.compiled_variance.compiled_closed_form():`` the closed form
+        then computes each domain's head and variances in one node (``fishr_lite.fused_head``),
+        which saves a pass over the features' gradient."""
+        features, targets = self._per_domain(features, targets, domain_sizes)
+        logits, variances = head_scores_and_variances(self.head, features, targets, loss=self.loss,
+                                                      engine=self.engine, **self._variance_options())
+        return logits, self._distance(variances, update)
+
+    @staticmethod
+    def _per_domain(features, targets, domain_sizes) -> tuple[list[Tensor], list[Tensor]]:
+        """Lists of per-domain features and targets, split by ``domain_sizes`` if concatenated."""
         if isinstance(features, Tensor):
             features = split_domains(features, domain_sizes)
             targets = split_domains(targets if isinstance(targets, Tensor) else torch.cat(list(targets)),
@@ -131,10 +164,12 @@ class FishrPenalty:
         elif isinstance(targets, Tensor):
             raise ValueError("pass one targets tensor per domain, matching the list of features.")
         check_rows_per_domain([len(z) for z in features], domain_sizes)
-        options = {k: v for k, v in self.options.items()
-                   if k not in ("coordinate_reduction", "domain_reduction")}
-        variances = head_variances(self.head, list(features), list(targets), loss=self.loss,
-                                   engine=self.engine, logits=logits, **options)
+        return list(features), list(targets)
+
+    def _variance_options(self) -> dict:
+        return {k: v for k, v in self.options.items() if k not in ("coordinate_reduction", "domain_reduction")}
+
+    def _distance(self, variances, update: Optional[bool]) -> Tensor:
         return averaged_distance(variances, moving_average=self.moving_average, update=update,
                                  coordinate_reduction=self.options["coordinate_reduction"],
                                  domain_reduction=self.options["domain_reduction"])

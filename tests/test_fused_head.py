@@ -1,0 +1,135 @@
+"""The head and its variances in one node, against a plain autograd loop over the samples."""
+
+import pytest
+import torch
+from torch import nn
+
+from fishr_lite.compiled_variance import compiled_closed_form
+from fishr_lite.fused_head import linear_head_with_variances, takes_fused_path
+from fishr_lite.grads import loop_grads
+from fishr_lite.penalty import reference_variance
+from fishr_lite.training import FishrPenalty
+
+
+def problem(loss, n=13, d=5, classes=3, bias=True, seed=0):
+    torch.manual_seed(seed)
+    featurizer = nn.Sequential(nn.Linear(4, d), nn.Tanh()).double()
+    head = nn.Linear(d, 1 if loss == "bce" else classes, bias=bias).double()
+    x = torch.randn(n, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (n,)).double() if loss == "bce" else torch.randint(0, classes, (n,))
+    return featurizer, head, x, y
+
+
+def reference(head, z, y, loss, centered, create_graph=True):
+    """The variances of per-sample gradients computed one sample at a time."""
+    return {name: reference_variance(g.reshape(len(g), -1), centered).reshape(g.shape[1:])
+            for name, g in loop_grads(head, z, y, loss=loss, create_graph=create_graph).items()}
+
+
+def objective(scores, variances, weights):
+    """A scalar using the scores (as a risk would) and every variance."""
+    return scores.pow(2).sum() + sum((weights[k] * variances[k]).sum() for k in variances)
+
+
+def test_off_by_default_and_kept_off_where_the_node_does_not_apply():
+    featurizer, head, x, y = problem("bce")
+    z = featurizer(x)
+    assert not takes_fused_path(head, z)
+    with compiled_closed_form():
+        assert takes_fused_path(head, z)
+        assert not takes_fused_path(head, z.to(torch.bfloat16))
+        assert not takes_fused_path(head.float(), z)  # parameters in another dtype
+        head.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not takes_fused_path(head, z)
+        handle = head.register_forward_hook(lambda module, args, out: None)
+        assert not takes_fused_path(head, z)  # a hooked head runs as a module
+        handle.remove()
+        assert not takes_fused_path(nn.Sequential(head), z)
+
+
+def test_outside_the_node_it_is_the_head_then_its_variances():
+    featurizer, head, x, y = problem("ce", bias=False)
+    z = featurizer(x)
+    scores, got = linear_head_with_variances(head, z, y, "ce", centered=False)
+    torch.testing.assert_close(scores, head(z), rtol=0, atol=0)
+    want = reference(head, z, y, "ce", centered=False)
+    assert set(got) == set(want) == {"weight"}
+    torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-10, atol=1e-14)
+
+
+def test_logits_and_penalty_match_the_penalty_of_the_heads_logits():
+    featurizer, head, x, y = problem("bce", n=20)
+    fishr = FishrPenalty(head, convention="colored_mnist")
+    z = featurizer(x)
+    features, targets = [z[:9], z[9:]], [y[:9], y[9:]]
+    logits, penalty = fishr.logits_and_penalty(features, targets)
+    for s, zz in zip(logits, features):
+        torch.testing.assert_close(s, head(zz), rtol=0, atol=0)
+    torch.testing.assert_close(penalty, fishr.penalty(features, targets, logits=logits), rtol=0, atol=0)
+    concatenated, _ = fishr.logits_and_penalty(z, y, domain_sizes=[9, 11])
+    torch.testing.assert_close(torch.cat(concatenated), head(z), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # compiles the node's kernels (seconds)
+@pytest.mark.parametrize("loss, centered, bias", [("bce", True, True), ("ce", False, True), ("ce", True, False)])
+def test_values_and_gradients_match_an_autograd_loop(loss, centered, bias):
+    torch._dynamo.reset()
+    featurizer, head, x, y = problem(loss, bias=bias)
+    z = featurizer(x)
+    params = list(featurizer.parameters()) + list(head.parameters())
+    with compiled_closed_form():
+        assert takes_fused_path(head, z)
+        scores, got = linear_head_with_variances(head, z, y, loss, centered=centered)
+        weights = {k: torch.randn_like(v) for k, v in got.items()}
+        grads_got = torch.autograd.grad(objective(scores, got, weights), params, retain_graph=True)
+    want = reference(head, z, y, loss, centered)
+    assert set(got) == set(want)
+    torch.testing.assert_close(scores, head(z), rtol=1e-14, atol=1e-15)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-14)
+    grads_want = torch.autograd.grad(objective(head(z), want, weights), params)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_second_derivatives_match_an_autograd_loop():
+    torch._dynamo.reset()
+    featurizer, head, x, y = problem("bce")
+    z = featurizer(x)
+    weights = {"weight": torch.randn(1, 5, dtype=torch.float64), "bias": torch.randn(1, dtype=torch.float64)}
+
+    def curvature(scores, variances):
+        (grad_z,) = torch.autograd.grad(objective(scores, variances, weights), z, create_graph=True,
+                                        retain_graph=True)
+        return torch.autograd.grad(grad_z.pow(2).sum(), list(head.parameters()))
+
+    with compiled_closed_form():
+        got = curvature(*linear_head_with_variances(head, z, y))
+    want = curvature(head(z), reference(head, z, y, "bce", True))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_training_step_through_logits_and_penalty_matches_one_through_the_model():
+    torch._dynamo.reset()
+    featurizer, head, x, y = problem("bce", n=30)
+    fishr = FishrPenalty(head, convention="colored_mnist")
+    params = list(featurizer.parameters()) + list(head.parameters())
+
+    def loss(logits, penalty):
+        risk = sum(nn.functional.binary_cross_entropy_with_logits(s.squeeze(-1), t) for s, t in zip(logits, ys))
+        return risk + 1e3 * penalty
+
+    z = featurizer(x)
+    features, ys = [z[:14], z[14:]], [y[:14], y[14:]]
+    with compiled_closed_form():
+        got = torch.autograd.grad(loss(*fishr.logits_and_penalty(features, ys)), params, retain_graph=True)
+    per_domain = [reference(head, f, t, "bce", True) for f, t in zip(features, ys)]
+    flat = torch.stack([torch.cat([v["weight"].reshape(-1), v["bias"]]) for v in per_domain])
+    penalty = (flat - flat.mean(dim=0)).pow(2).sum()  # the colored_mnist convention: sums
+    want = torch.autograd.grad(loss([head(f) for f in features], penalty), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
