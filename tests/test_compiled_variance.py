@@ -22,9 +22,9 @@ def problem(loss, n=13, d=5, classes=3):
     return featurizer, head, x, y
 
 
-@pytest.mark.parametrize("loss, centered", [("bce", True), ("ce", False)])
-def test_values_and_gradients_match_an_autograd_loop(loss, centered):
-    featurizer, head, x, y = problem(loss)
+@pytest.mark.parametrize("loss, centered, n", [("bce", True, 13), ("ce", False, 13), ("bce", False, 150)])
+def test_values_and_gradients_match_an_autograd_loop(loss, centered, n):
+    featurizer, head, x, y = problem(loss, n=n)
     z = featurizer(x)
     assert takes_compiled_path(z, z) is False  # off by default
     with compiled_closed_form():

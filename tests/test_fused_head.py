@@ -72,10 +72,12 @@ def test_logits_and_penalty_match_the_penalty_of_the_heads_logits():
 
 
 @pytest.mark.slow  # compiles the node's kernels (seconds)
-@pytest.mark.parametrize("loss, centered, bias", [("bce", True, True), ("ce", False, True), ("ce", True, False)])
-def test_values_and_gradients_match_an_autograd_loop(loss, centered, bias):
+@pytest.mark.parametrize("loss, centered, bias, n", [
+    ("bce", True, True, 13), ("bce", True, True, 150),  # 150 rows: groups of 64 and a remainder
+    ("ce", False, True, 13), ("ce", True, False, 200)])
+def test_values_and_gradients_match_an_autograd_loop(loss, centered, bias, n):
     torch._dynamo.reset()
-    featurizer, head, x, y = problem(loss, bias=bias)
+    featurizer, head, x, y = problem(loss, n=n, bias=bias)
     z = featurizer(x)
     params = list(featurizer.parameters()) + list(head.parameters())
     with compiled_closed_form():
