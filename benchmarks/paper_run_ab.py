@@ -1,11 +1,16 @@
-"""One paper-profile Colored MNIST run, twice side by side: with the fused Linear + ReLU
-layer (``fishr_lite.linear_relu``, the library's default) and with plain Linear then ReLU.
+"""One paper-profile Colored MNIST run, twice side by side, with a switch of the library on and off:
+``linear_relu`` (default): the fused Linear + ReLU layer (``fishr_lite.linear_relu``, on by
+default) against plain Linear then ReLU; ``compiled_closed_form``: the closed form's compiled
+kernels, the head in the penalty's node (``fishr_lite.fused_head``), against the eager closed
+form.
 
     python benchmarks/paper_run_ab.py                 # Fishr, restart 0: about 10 minutes
     python benchmarks/paper_run_ab.py --steps 50      # a shorter check
+    python benchmarks/paper_run_ab.py --switch compiled_closed_form
 
 Each run is its own process with one torch thread and freed memory reused
-(``fishr_lite.cpu_memory``), both started together, so they share the machine alike. Writes
+(``fishr_lite.cpu_memory``), both started together, so they share the machine alike. The
+compiled run starts from an empty kernel cache, so its wall time includes compiling. Writes
 ``benchmarks/results/paper_run_ab_<date>-<time>_<host>.json``: both wall times, their ratio,
 and how far the two histories lie apart (float32 rounding differs between the kernels).
 """
@@ -19,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,14 +35,21 @@ torch.set_num_threads(1)
 from fishr_lite.cpu_memory import reuse_freed_memory
 reuse_freed_memory()
 from fishr_lite.experiments import coloredmnist as cm
+from fishr_lite.compiled_variance import compiled_closed_form
 from fishr_lite.linear_relu import fused_linear_relu
 config = cm.Config(**json.loads(sys.argv[1]))
+switch = {"linear_relu": fused_linear_relu, "compiled_closed_form": compiled_closed_form}[sys.argv[2]]
 cm.environments(config.restart, config.label_flip, config.fraction, "cpu")  # data outside the timer
 start = time.perf_counter()
-with fused_linear_relu(sys.argv[2] == "fused"):
+with switch(sys.argv[3] == "on"):
     result = cm.train(config, "cpu")
 print(json.dumps({"wall_time_s": time.perf_counter() - start, "history": result["history"]}))
 """
+
+
+#: switch -> (name of the run with it on, with it off)
+KINDS = {"linear_relu": ("fused", "plain"), "compiled_closed_form": ("compiled", "eager")}
+LABELS = {"fused": "fused Linear + ReLU", "compiled": "compiled closed form"}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -44,6 +57,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--algorithm", default="fishr")
     parser.add_argument("--restart", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="default: the paper profile's 501")
+    parser.add_argument("--switch", choices=tuple(KINDS), default="linear_relu",
+                        help="what differs between the two runs (default: the fused Linear + ReLU layer)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     from fishr_lite.experiments import coloredmnist as cm
@@ -53,34 +68,38 @@ def main(argv: list[str] | None = None) -> Path:
     if args.steps:
         config["steps"] = args.steps
     root = Path(__file__).resolve().parents[1]
-    runs = {kind: subprocess.Popen([sys.executable, "-c", RUN, json.dumps(config), kind], cwd=root,
-                                   stdout=subprocess.PIPE, text=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-            for kind in ("fused", "plain")}
-    results = {}
-    for kind, process in runs.items():
-        out, _ = process.communicate()
-        if process.returncode != 0:
-            raise SystemExit(f"the {kind} run failed (exit {process.returncode})")
-        results[kind] = json.loads(out.strip().splitlines()[-1])
-    fused, plain = results["fused"], results["plain"]
-    gaps = {key: max(abs(a - b) for a, b in zip(fused["history"][key], plain["history"][key]))
+    on, off = KINDS[args.switch]
+    with tempfile.TemporaryDirectory() as kernel_cache:  # compiled kernels: built inside the run
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": kernel_cache}
+        runs = {kind: subprocess.Popen([sys.executable, "-c", RUN, json.dumps(config), args.switch,
+                                        "on" if kind == on else "off"],
+                                       cwd=root, stdout=subprocess.PIPE, text=True, env=env)
+                for kind in (on, off)}
+        results = {}
+        for kind, process in runs.items():
+            out, _ = process.communicate()
+            if process.returncode != 0:
+                raise SystemExit(f"the {kind} run failed (exit {process.returncode})")
+            results[kind] = json.loads(out.strip().splitlines()[-1])
+    gaps = {key: max(abs(a - b) for a, b in zip(results[on]["history"][key], results[off]["history"][key]))
             for key in ("train_nll", "train_acc", "test_acc")}
+    ratio = f"{off}_over_{on}"
     record = {
         "benchmark": "paper_run_ab",
+        "switch": args.switch,
         "config": config,
         "torch_threads": 1,
-        "wall_time_s": {"fused": fused["wall_time_s"], "plain": plain["wall_time_s"]},
-        "plain_over_fused": plain["wall_time_s"] / fused["wall_time_s"],
-        "final_test_acc": {"fused": fused["history"]["test_acc"][-1], "plain": plain["history"]["test_acc"][-1]},
+        "wall_time_s": {kind: results[kind]["wall_time_s"] for kind in (on, off)},
+        ratio: results[off]["wall_time_s"] / results[on]["wall_time_s"],
+        "final_test_acc": {kind: results[kind]["history"]["test_acc"][-1] for kind in (on, off)},
         "history_max_abs_difference": gaps,
         "provenance": {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
                        "torch": torch.__version__, "git_commit": git_commit()},
     }
     print(f"{args.algorithm} restart {args.restart}, {config['steps']} steps, one thread each, side by side:")
-    print(f"  fused Linear + ReLU {fused['wall_time_s']:7.1f} s   plain {plain['wall_time_s']:7.1f} s   "
-          f"plain / fused {record['plain_over_fused']:.3f}")
-    print(f"  final test accuracy {record['final_test_acc']['fused']:.4f} vs {record['final_test_acc']['plain']:.4f}; "
+    print(f"  {LABELS[on]} {results[on]['wall_time_s']:7.1f} s   {off} {results[off]['wall_time_s']:7.1f} s   "
+          f"{off} / {on} {record[ratio]:.3f}")
+    print(f"  final test accuracy {record['final_test_acc'][on]:.4f} vs {record['final_test_acc'][off]:.4f}; "
           f"largest history gaps {json.dumps({k: round(v, 5) for k, v in gaps.items()})}")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = args.out_dir / f"paper_run_ab_{stamp}_{socket.gethostname()}.json"

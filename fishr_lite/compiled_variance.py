@@ -9,7 +9,7 @@ computes with eager operations over row blocks, a few passes over each block ::
 
 Compiled by inductor, the forward is one matrix product and one fused loop, and the backward
 one loop that writes dL/dz and dL/dr together; the (n, C, d) per-sample gradients are never
-stored. :func:`head_forward` and :func:`head_backward` add the linear head s = z W^T + b and
+stored. ``head_forward`` and ``head_backward`` add the linear head s = z W^T + b and
 its residuals to those kernels, for ``fishr_lite.fused_head``: one node per domain computes
 the scores and the variances, and its backward writes dL/dz once. On the Colored MNIST step
 (2 x 25,000 x 390 features, ``benchmarks/bench_step.py``, case ``fishr_closed_form_compiled``)

@@ -156,6 +156,12 @@ class FishrObjective(Objective):
         return self.fishr.penalty([d.features for d in domains], [d.targets for d in domains],
                                   logits=[d.logits for d in domains], update=update)
 
+    def logits_and_penalty(self, features: Sequence[Tensor], targets: Sequence[Tensor], *,
+                           update: Optional[bool] = None) -> tuple[list[Tensor], Tensor]:
+        """``([head(z_e)], penalty)``, the head applied here: see
+        :meth:`fishr_lite.training.FishrPenalty.logits_and_penalty`."""
+        return self.fishr.logits_and_penalty(list(features), list(targets), update=update)
+
 
 class IGA(Objective):
     """IGA (inter-domain gradient alignment) on the head: sum_e ||grad R_e - mean_e' grad R_e'||^2."""

@@ -93,3 +93,13 @@ def test_paper_run_ab_short_run_writes_both_runs(tmp_path):
     assert all(0.0 <= gap < 1e-3 for gap in record["history_max_abs_difference"].values())
     assert record["provenance"]["git_commit"] not in (None, "")
     assert "plain / fused" in result.stdout
+
+
+@pytest.mark.slow
+def test_paper_run_ab_compares_the_compiled_closed_form_with_the_eager_one(tmp_path):
+    result, record = run_benchmark("paper_run_ab", tmp_path, "--steps", "2", "--switch", "compiled_closed_form")
+    assert record["switch"] == "compiled_closed_form"
+    compiled, eager = record["wall_time_s"]["compiled"], record["wall_time_s"]["eager"]
+    assert record["eager_over_compiled"] == eager / compiled
+    assert all(0.0 <= gap < 1e-3 for gap in record["history_max_abs_difference"].values())
+    assert "eager / compiled" in result.stdout

@@ -62,6 +62,18 @@ def test_runs_are_reproducible_and_restarts_differ(tmp_path):
     assert other["history"]["train_nll"] != first["history"]["train_nll"]
 
 
+@pytest.mark.slow  # compiles the closed form's kernels (seconds)
+def test_a_run_with_the_compiled_closed_form_follows_the_eager_one():
+    from fishr_lite.compiled_variance import compiled_closed_form
+
+    config = cm.Config(algorithm="fishr", restart=1, **TINY)
+    eager = cm.train(config, "cpu")
+    with compiled_closed_form():
+        compiled = cm.train(config, "cpu")
+    for key in ("train_nll", "penalty", "fishr_penalty"):  # float32 rounding apart, the same run
+        assert compiled["history"][key] == pytest.approx(eager["history"][key], rel=1e-4, abs=1e-7), key
+
+
 def test_model_matches_the_script():
     model = cm.make_model(cm.Config(algorithm="erm"))
     shapes = [tuple(p.shape) for p in model.parameters()]

@@ -59,7 +59,7 @@ from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite.data import Environment, colored_mnist
 from fishr_lite.experiments import progress_bar
 from fishr_lite.linear_relu import linear_relu
-from fishr_lite.objectives import DomainBatch, Objective, make_objective
+from fishr_lite.objectives import DomainBatch, FishrObjective, Objective, make_objective
 from fishr_lite.profiles import current_profile, default_device
 from fishr_lite.results import ResultsCache
 from fishr_lite.training import PenaltySchedule, colored_mnist_schedule
@@ -185,6 +185,23 @@ def total_loss(config: Config, model: nn.Module, train_nll: torch.Tensor,
     return penalty_schedule(config).combine(loss, penalty, step)
 
 
+def training_batches(model: MLP, objective: Objective,
+                     envs: Sequence[Environment]) -> tuple[list[DomainBatch], torch.Tensor | None]:
+    """The step's batches, and Fishr's penalty (None for other objectives: the loop computes
+    theirs after the risks, as it always has). Fishr applies the head itself
+    (``FishrObjective.logits_and_penalty``: the same values; inside
+    ``fishr_lite.compiled_variance.compiled_closed_form()``, one autograd node per domain)."""
+    if isinstance(objective, FishrObjective):
+        features = [model.features(env.images) for env in envs]
+        logits, penalty = objective.logits_and_penalty(features, [env.labels for env in envs])
+        return [DomainBatch(z, s.squeeze(-1), env.labels) for z, s, env in zip(features, logits, envs)], penalty
+    batches = []
+    for env in envs:
+        features, logits = model(env.images)
+        batches.append(DomainBatch(features=features, logits=logits, targets=env.labels))
+    return batches, None
+
+
 def train(
     config: Config | dict,
     device: torch.device | str | None = None,
@@ -233,12 +250,10 @@ def train(
     diagnostics: list = []
 
     for step in range(config.steps):
-        batches = []
-        for env in (train_a, train_b):
-            features, logits = model(env.images)
-            batches.append(DomainBatch(features=features, logits=logits, targets=env.labels))
+        batches, penalty = training_batches(model, objective, (train_a, train_b))
         train_nll = objective.risks(batches).mean()
-        penalty = objective.penalty(batches)
+        if penalty is None:
+            penalty = objective.penalty(batches)
         loss = total_loss(config, model, train_nll, penalty, step)
 
         last = step == config.steps - 1
