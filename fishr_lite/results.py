@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 import fishr_lite
+from fishr_lite.compiled_variance import COMPILED
 from fishr_lite.cpu_memory import reusing_freed_memory
 
 FORMAT = 1
@@ -96,7 +97,9 @@ def git_commit(path: Path = PACKAGE_DIR) -> str | None:
 
 def provenance(device: str | torch.device | None, wall_time_s: float) -> dict[str, Any]:
     """Where and how a run was computed: versions, device, git commit, wall time and date (and
-    ``reused_freed_memory`` if :func:`fishr_lite.cpu_memory.reuse_freed_memory` was on)."""
+    ``reused_freed_memory`` if :func:`fishr_lite.cpu_memory.reuse_freed_memory` was on,
+    ``compiled_closed_form`` if the run was inside
+    :func:`fishr_lite.compiled_variance.compiled_closed_form`: same results up to float rounding)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = str(device)
@@ -112,6 +115,7 @@ def provenance(device: str | torch.device | None, wall_time_s: float) -> dict[st
         "wall_time_s": round(float(wall_time_s), 3),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **({"reused_freed_memory": True} if reusing_freed_memory() else {}),
+        **({"compiled_closed_form": True} if COMPILED.on else {}),
     }
 
 

@@ -26,7 +26,7 @@ ALLOWED = {
     "plotting": set(),
     "cpu_memory": set(),
     "linear_relu": {"switches"},
-    "results": {"__init__", "cpu_memory"},  # reads fishr_lite.__version__ for provenance
+    "results": {"__init__", "cpu_memory", "compiled_variance"},  # provenance: version, settings
     "experiments": {"data", "objectives", "profiles", "results", "grads", "penalty", "training", "cpu_memory",
                     "linear_relu", "plotting", "diagnostics", "__init__"},
     "domainbed": {"data", "grads", "penalty", "training", "objectives", "profiles", "results",

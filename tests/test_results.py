@@ -63,6 +63,16 @@ def test_record_layout_and_provenance(tmp_path):
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
 
 
+def test_provenance_says_when_a_run_used_the_compiled_closed_form(tmp_path):
+    from fishr_lite.compiled_variance import compiled_closed_form
+
+    cache = ResultsCache("exp", tmp_path)
+    assert "compiled_closed_form" not in cache.get_or_run(CONFIGS[0], CountingRun())["provenance"]
+    with compiled_closed_form():
+        record = cache.get_or_run(CONFIGS[1], CountingRun())
+    assert record["provenance"]["compiled_closed_form"] is True
+
+
 def test_git_absent_does_not_fail(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable can be found
     assert results.git_commit() is None

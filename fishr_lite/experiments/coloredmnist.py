@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -58,6 +57,7 @@ from torch import nn
 from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite.data import Environment, colored_mnist
 from fishr_lite.experiments import progress_bar
+from fishr_lite.experiments.summaries import METRICS, format_table, histories, summarize  # noqa: F401
 from fishr_lite.linear_relu import linear_relu
 from fishr_lite.objectives import DomainBatch, FishrObjective, Objective, make_objective
 from fishr_lite.profiles import current_profile, default_device
@@ -187,19 +187,14 @@ def total_loss(config: Config, model: nn.Module, train_nll: torch.Tensor,
 
 def training_batches(model: MLP, objective: Objective,
                      envs: Sequence[Environment]) -> tuple[list[DomainBatch], torch.Tensor | None]:
-    """The step's batches, and Fishr's penalty (None for other objectives: the loop computes
-    theirs after the risks, as it always has). Fishr applies the head itself
-    (``FishrObjective.logits_and_penalty``: the same values; inside
+    """The step's batches, and Fishr's penalty (None for the other objectives, whose penalty
+    the loop computes after the risks). Fishr applies the head itself (the same values; inside
     ``fishr_lite.compiled_variance.compiled_closed_form()``, one autograd node per domain)."""
     if isinstance(objective, FishrObjective):
         features = [model.features(env.images) for env in envs]
         logits, penalty = objective.logits_and_penalty(features, [env.labels for env in envs])
         return [DomainBatch(z, s.squeeze(-1), env.labels) for z, s, env in zip(features, logits, envs)], penalty
-    batches = []
-    for env in envs:
-        features, logits = model(env.images)
-        batches.append(DomainBatch(features=features, logits=logits, targets=env.labels))
-    return batches, None
+    return [DomainBatch(*model(env.images), env.labels) for env in envs], None
 
 
 def train(
@@ -252,8 +247,7 @@ def train(
     for step in range(config.steps):
         batches, penalty = training_batches(model, objective, (train_a, train_b))
         train_nll = objective.risks(batches).mean()
-        if penalty is None:
-            penalty = objective.penalty(batches)
+        penalty = objective.penalty(batches) if penalty is None else penalty
         loss = total_loss(config, model, train_nll, penalty, step)
 
         last = step == config.steps - 1
@@ -356,74 +350,6 @@ def run(
     return as_cache(cache).run_all(
         configs, functools.partial(train, device=device), device=device, progress=bar
     )
-
-
-METRICS = ("train_acc", "test_acc", "gray_test_acc")
-
-
-def _pandas():
-    try:
-        import pandas
-    except ImportError as error:
-        raise ImportError("summaries need pandas: pip install pandas "
-                          "(or pip install 'fishr-lite[book]')") from error
-    return pandas
-
-
-def _config_columns(config: dict) -> dict[str, Any]:
-    """A record's configuration as flat columns: dict or list values (``objective_options``,
-    a diagnostics callback's settings) as canonical JSON, so that they can be grouped."""
-    flat = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-            for k, v in config.items()}
-    flat.setdefault("objective_options", json.dumps({}))
-    return flat
-
-
-def summarize(records: Sequence[dict]) -> "pandas.DataFrame":
-    """Mean ± std over restarts of the final accuracies, in %: a pandas DataFrame.
-
-    One row per configuration up to the restart, indexed by ``algorithm``, ``label_flip`` and
-    any other configuration field that differs between the records (an ablation's penalty
-    weight, say). Columns: ``restarts``, then ``{train,test,gray_test}_acc_{mean,std}``; std
-    is the population std (numpy's default), as the script reports it.
-    """
-    pd = _pandas()
-
-    frame = pd.DataFrame([{**_config_columns(r["config"]),
-                           **{m: 100 * r["result"][m] for m in METRICS}} for r in records])
-    if frame.empty:
-        return pd.DataFrame(columns=["restarts", *(f"{m}_{s}" for m in METRICS
-                                                  for s in ("mean", "std"))])
-    varying = [c for c in frame.columns if c not in ("algorithm", "label_flip", "restart", *METRICS)
-               and frame[c].nunique() > 1]
-    grouped = frame.groupby(["algorithm", "label_flip", *varying], sort=False)
-    table = grouped[list(METRICS)].agg(["mean", lambda x: x.std(ddof=0)])
-    table.columns = [f"{m}_{'mean' if stat == 'mean' else 'std'}" for m, stat in table.columns]
-    table.insert(0, "restarts", grouped.size())
-    return table
-
-
-def histories(records: Sequence[dict]) -> "pandas.DataFrame":
-    """Every record's history in long form, one row per logged step (the columns of
-    :func:`train`'s history) with its configuration's fields as further columns
-    (``algorithm``, ``restart``, ``label_flip``, ...)."""
-    pd = _pandas()
-
-    frames = [pd.DataFrame(r["result"]["history"]).assign(**_config_columns(r["config"]))
-              for r in records]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def format_table(table: "pandas.DataFrame") -> str:
-    """The summary as text: one line per row of :func:`summarize`, ``mean ± std`` in %."""
-    names = list(table.index.names)
-    header = f"{' / '.join(names):<32} {'n':>3}  {'train acc':>13}  {'test acc':>13}  {'gray test acc':>13}"
-    lines = [header]
-    for index, row in table.iterrows():
-        label = " / ".join(str(v) for v in (index if isinstance(index, tuple) else (index,)))
-        cells = [f"{row[f'{m}_mean']:5.1f} ± {row[f'{m}_std']:4.1f}" for m in METRICS]
-        lines.append(f"{label:<32} {int(row['restarts']):>3}  " + "  ".join(f"{c:>13}" for c in cells))
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,6 +50,7 @@ from fishr_lite.cpu_memory import reuse_freed_memory
 from fishr_lite.diagnostics.functional import Domain, flat_parameters, mean_loss_function
 from fishr_lite.experiments import coloredmnist as cm
 from fishr_lite.experiments import progress_bar
+from fishr_lite.experiments.summaries import require_pandas
 from fishr_lite.profiles import default_device
 from fishr_lite.results import ResultsCache
 
@@ -215,7 +216,7 @@ def frames(records: Sequence[dict]) -> tuple["pandas.DataFrame", "pandas.DataFra
     """``(scalars, arrays)``: the records' diagnostics as two pandas DataFrames, one row per
     diagnostic record (``step``, ``quantity``, ``domain``, ``value``) with the run's
     ``algorithm`` and ``restart``; ``arrays`` holds the list values."""
-    pd = cm._pandas()
+    pd = require_pandas()
     rows = [{**row, "algorithm": r["config"]["algorithm"], "restart": r["config"]["restart"]}
             for r in records for row in r["result"]["diagnostics"]]
     scalar = [isinstance(row["value"], float) for row in rows]
@@ -233,7 +234,7 @@ def final_table(records: Sequence[dict]) -> "pandas.DataFrame":
     relative gap 2|λ_A − λ_B| / (λ_A + λ_B) of the domains' top whole-network eigenvalues;
     ``hessian_distance_warmup``, the head-Hessian distance at the last warm-up step (NaN when
     a quantity was not measured)."""
-    pd = cm._pandas()
+    pd = require_pandas()
     rows = {}
     for r in records:
         values = {(d["step"], d["quantity"], d["domain"]): d["value"]

@@ -6,7 +6,7 @@
   default) for their algorithm, whatever the restart: a cache folder may also hold quick runs
   and ablations, and a table must not mix them.
 - :func:`beside_published` puts our ``mean ± std`` (from
-  :func:`fishr_lite.experiments.coloredmnist.summarize`) next to the published one.
+  :func:`fishr_lite.experiments.summaries.summarize`) next to the published one.
 - :func:`curve_bands` and :func:`plot_curves` aggregate a metric of the histories per step
   over restarts: the line is the mean, the band spans min to max (with 2 to 10 restarts a
   min-max band hides nothing; a ± std band would pretend to a precision we do not have).
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fishr_lite.experiments import coloredmnist as cm
+from fishr_lite.experiments.summaries import require_pandas
 from fishr_lite.results import PACKAGE_DIR
 
 PUBLISHED_TABLE2 = PACKAGE_DIR.parent / "data" / "published" / "coloredmnist_table2.csv"
@@ -29,7 +30,7 @@ METRIC_NAMES = {"train_acc": "train", "test_acc": "test", "gray_test_acc": "gray
 
 def published_table2(path: str | Path | None = None) -> "pandas.DataFrame":
     """Table 2 of the Fishr paper as a DataFrame indexed by algorithm (accuracies in %)."""
-    pd = cm._pandas()
+    pd = require_pandas()
     path = Path(path) if path is not None else PUBLISHED_TABLE2
     if not path.is_file():
         raise ValueError(f"{path} does not exist; pass the path of coloredmnist_table2.csv "
@@ -76,7 +77,7 @@ def beside_published(summary: "pandas.DataFrame", published: "pandas.DataFrame",
     """One row per algorithm of ``summary`` (from ``coloredmnist.summarize``, one label flip):
     ``restarts``, then for each metric ``"<metric> ours"`` and ``"<metric> paper"`` as
     ``"mean ± std"`` strings (``"-"`` where the paper has no number)."""
-    pd = cm._pandas()
+    pd = require_pandas()
     summary = summary.reset_index()
     if summary["algorithm"].duplicated().any():
         raise ValueError("summary has several rows per algorithm (several label flips or "
@@ -108,7 +109,7 @@ def curve_bands(records: Sequence[dict], metric: str,
                 label: str | Labeller = "algorithm") -> "pandas.DataFrame":
     """Per (label, step): ``mean``, ``min``, ``max`` and ``n`` (restarts) of ``metric`` in the
     histories; ``label`` is a config field or a function of the record (default algorithm)."""
-    pd = cm._pandas()
+    pd = require_pandas()
     if not records:
         return pd.DataFrame(columns=["label", "step", "mean", "min", "max", "n"])
     name = _labeller(label)
