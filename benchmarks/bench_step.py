@@ -7,10 +7,11 @@
 Measures (repeats interleaved round-robin, medians reported):
 
 1. Colored MNIST MLP (392 -> 390 -> 390 -> 1, full batch, 2 domains x 25,000 samples):
-   one Adam step of ERM; of Fishr with each per-sample gradient engine (and with the closed
-   form's kernels compiled, ``fishr_lite.compiled_variance``, the head applied by the penalty
-   in the same node, ``FishrPenalty.logits_and_penalty``); of the naive
-   pattern (BackPACK hooks fired by a whole-network ``backward(create_graph=True)``).
+   one Adam step of ERM; of Fishr with each per-sample gradient engine, the model stopping
+   at the features and the penalty applying the head (``FishrObjective.logits_and_penalty``),
+   and with the closed form's kernels compiled (``fishr_lite.compiled_variance``: then the
+   head and the variances are one node, ``fishr_lite.fused_head``); of the naive pattern
+   (BackPACK hooks fired by a whole-network ``backward(create_graph=True)``).
 2. The ERM step next to the time its matrix products need: at the GEMM rate of a square
    float32 matmul measured in the same run, and timed directly with the step's own shapes.
 3. DomainBed's MNIST_CNN shape (conv 64/128/128/128 + GroupNorm, 2x28x28 input, batch 64):
@@ -107,36 +108,25 @@ def make_mlp_step(kind: str, model: MLP, data) -> Callable[[], None]:
     engine = "closed_form" if compiled else kind.removeprefix("fishr_")
     options = {} if kind == "erm" else {"engine": engine, "convention": "colored_mnist"}
     objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce", **options)
-    weight = 1.0 if kind == "erm" else PENALTY_WEIGHT
+    targets = [y for _, y in data]
 
-    def step() -> None:
-        batches = []
-        for x, y in data:
-            z, logits = model(x)
-            batches.append(DomainBatch(z, logits, y))
-        loss = regularized(objective.risks(batches).mean())
-        if kind != "erm":
-            loss = (loss + weight * objective.penalty(batches)) / weight
+    def erm_step() -> None:
+        batches = [DomainBatch(*model(x), y) for x, y in data]
+        finish(regularized(objective.risks(batches).mean()))
+
+    def fishr_step() -> None:  # the model stops at the features; the penalty applies the head
+        with compiled_closed_form(compiled):
+            features = [model.features(x) for x, _ in data]
+            logits, penalty = objective.logits_and_penalty(features, targets)
+            batches = [DomainBatch(z, s.squeeze(-1), y) for z, s, y in zip(features, logits, targets)]
+            finish((regularized(objective.risks(batches).mean()) + PENALTY_WEIGHT * penalty) / PENALTY_WEIGHT)
+
+    def finish(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    if compiled:  # the compiled kernels, the head applied by the penalty (fishr_lite.fused_head)
-        fishr = objective.fishr
-        targets = [y for _, y in data]
-
-        def compiled_step() -> None:
-            with compiled_closed_form():
-                features = [model.features(x) for x, _ in data]
-                logits, penalty = fishr.logits_and_penalty(features, targets)
-                batches = [DomainBatch(z, s.squeeze(-1), y) for z, s, y in zip(features, logits, targets)]
-                loss = (regularized(objective.risks(batches).mean()) + weight * penalty) / weight
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-        return compiled_step
-    return step
+    return erm_step if kind == "erm" else fishr_step
 
 
 def erm_matmul_flops(n_total: int, dims=(392, 390, 390, 1)) -> float:

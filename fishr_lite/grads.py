@@ -204,6 +204,16 @@ def backpack_grads(
     stale reaches the user's optimizer. BatchGrad is first-order, so the loss needs no
     BackPACK extension.
     """
+    return backpack_scores_and_grads(head, features, targets, loss)[1]
+
+
+def backpack_scores_and_grads(
+    head: nn.Module, features: Tensor, targets: Tensor, loss: str
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(head(features), grads)``: the scores of the head's forward that BackPACK's hooks
+    record, and the per-sample gradients of :func:`backpack_grads`. A training loop that uses
+    these scores for its risk runs the head once (``FishrPenalty.logits_and_penalty``), and the
+    penalty's gradient through the residuals joins the risk's before the head's backward."""
     try:
         from backpack import backpack, extend
         from backpack.extensions import BatchGrad
@@ -216,13 +226,13 @@ def backpack_grads(
     leaf = features if features.requires_grad else features.detach().requires_grad_(True)
     params = {name: p for name, p in head.named_parameters() if p.requires_grad}
     with backpack(BatchGrad()):
-        total = summed_loss(shadow(leaf), targets, loss)
-        torch.autograd.grad(total, [leaf], create_graph=True)
+        scores = shadow(leaf)
+        torch.autograd.grad(summed_loss(scores, targets, loss), [leaf], create_graph=True)
     grads = {}
     for name, param in params.items():
         grads[name] = param.grad_batch
         del param.grad_batch
-    return grads
+    return scores, grads
 
 
 @register_engine("torch.func")

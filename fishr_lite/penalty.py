@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fishr_lite.blocked import column_variances, under_torch_func
-from fishr_lite.grads import engine_name, per_sample_grads
+from fishr_lite.grads import backpack_scores_and_grads, engine_name, per_sample_grads
 from fishr_lite.fused_head import linear_head_with_variances
 from fishr_lite.head_variance import linear_head_variances
 
@@ -248,25 +248,29 @@ def head_scores_and_variances(
     **options: Any,
 ) -> tuple[list[Tensor], Variances]:
     """``([head(z_e)], head_variances(...))``: each domain's scores, computed here, and the
-    variances of :func:`head_variances` (same ``options``) for them. With the closed form on an
-    ``nn.Linear`` head and a diagonal covariance, head and variances are one autograd node
-    per domain where ``fishr_lite.fused_head.takes_fused_path`` (compiled kernels, opt-in)."""
+    variances of :func:`head_variances` (same ``options``) for them. The head runs once per
+    domain: with the closed form on an ``nn.Linear`` head and a diagonal covariance, head and
+    variances are one autograd node where ``fishr_lite.fused_head.takes_fused_path`` (compiled
+    kernels, opt-in); with BackPACK, the scores are those of the forward its hooks record."""
     if len(targets) != len(features):
         raise ValueError(f"{len(features)} feature tensors but {len(targets)} target tensors; "
                          "pass one targets tensor per domain.")
-    if not _takes_closed_form(head, features, engine_name(options.get("engine", "closed_form")),
-                              options.get("covariance", "diagonal")):
-        scores = [head(z) for z in features]
-        return scores, head_variances(head, features, targets, logits=scores, **options)
     check_rows_per_domain([len(z) for z in features], None)
-    grad_scale = options.get("grad_scale", 1.0)
-    scores, variances = [], []
-    for z, y in zip(features, targets):
-        s, v = linear_head_with_variances(head, z, y, options.get("loss", "bce"),
-                                          centered=options.get("centered", True))
-        scores.append(s)
-        variances.append({name: x * grad_scale ** 2 for name, x in v.items()} if grad_scale != 1.0 else v)
-    return scores, variances
+    engine, loss = engine_name(options.pop("engine", "closed_form")), options.pop("loss", "bce")
+    if _takes_closed_form(head, features, engine, options.get("covariance", "diagonal")):
+        grad_scale = options.get("grad_scale", 1.0)
+        scores, variances = [], []
+        for z, y in zip(features, targets):
+            s, v = linear_head_with_variances(head, z, y, loss, centered=options.get("centered", True))
+            scores.append(s)
+            variances.append({name: x * grad_scale ** 2 for name, x in v.items()} if grad_scale != 1.0 else v)
+        return scores, variances
+    if engine == "backpack" and not any(under_torch_func(z) for z in features):
+        scores, grads = zip(*(backpack_scores_and_grads(head, z, y, loss) for z, y in zip(features, targets)))
+        return list(scores), domain_variances(list(grads), **options)
+    scores = [head(z) for z in features]
+    return scores, head_variances(head, features, targets, loss=loss, engine=engine, logits=scores, **options)
+
 
 # --- between domains ---------------------------------------------------------------------
 

@@ -114,11 +114,13 @@ def test_second_derivatives_match_an_autograd_loop():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.slow
-def test_a_training_step_through_logits_and_penalty_matches_one_through_the_model():
+@pytest.mark.parametrize("engine, compiled", [
+    pytest.param("closed_form", True, marks=pytest.mark.slow), ("closed_form", False), ("backpack", False),
+    ("torch.func", False)])
+def test_a_training_step_through_logits_and_penalty_matches_an_autograd_loop(engine, compiled):
     torch._dynamo.reset()
     featurizer, head, x, y = problem("bce", n=30)
-    fishr = FishrPenalty(head, convention="colored_mnist")
+    fishr = FishrPenalty(head, engine=engine, convention="colored_mnist")
     params = list(featurizer.parameters()) + list(head.parameters())
 
     def loss(logits, penalty):
@@ -127,11 +129,16 @@ def test_a_training_step_through_logits_and_penalty_matches_one_through_the_mode
 
     z = featurizer(x)
     features, ys = [z[:14], z[14:]], [y[:14], y[14:]]
-    with compiled_closed_form():
-        got = torch.autograd.grad(loss(*fishr.logits_and_penalty(features, ys)), params, retain_graph=True)
+    with compiled_closed_form(compiled):
+        logits, penalty = fishr.logits_and_penalty(features, ys)
+        got = torch.autograd.grad(loss(logits, penalty), params, retain_graph=True)
     per_domain = [reference(head, f, t, "bce", True) for f, t in zip(features, ys)]
     flat = torch.stack([torch.cat([v["weight"].reshape(-1), v["bias"]]) for v in per_domain])
-    penalty = (flat - flat.mean(dim=0)).pow(2).sum()  # the colored_mnist convention: sums
-    want = torch.autograd.grad(loss([head(f) for f in features], penalty), params)
+    want_penalty = (flat - flat.mean(dim=0)).pow(2).sum()  # the colored_mnist convention: sums
+    want_logits = [head(f) for f in features]
+    want = torch.autograd.grad(loss(want_logits, want_penalty), params)
+    for a, b in zip(logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(penalty, want_penalty, rtol=1e-10, atol=1e-15)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
