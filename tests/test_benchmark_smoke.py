@@ -103,3 +103,19 @@ def test_paper_run_ab_compares_the_compiled_closed_form_with_the_eager_one(tmp_p
     assert record["eager_over_compiled"] == eager / compiled
     assert all(0.0 <= gap < 1e-3 for gap in record["history_max_abs_difference"].values())
     assert "eager / compiled" in result.stdout
+
+
+def test_bench_step_goes_on_without_the_compiled_case_when_its_kernels_cannot_be_built(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_step
+
+    from fishr_lite import compiled_variance
+
+    def cannot_build(*args, **kwargs):
+        raise RuntimeError("compiled_closed_form(): torch.compile could not build the closed form's kernels")
+
+    monkeypatch.setattr(compiled_variance, "run", cannot_build)
+    mlp = bench_step.bench_mlp(n_per_domain=50, repeats=1, gemm_size=32)
+    assert "fishr_closed_form_compiled" not in mlp["ratio_to_erm"]
+    assert "could not build" in mlp["skipped_cases"]["fishr_closed_form_compiled"]
+    assert "fishr_closed_form" in mlp["ratio_to_erm"]
