@@ -13,8 +13,9 @@ stored. ``head_forward`` and ``head_backward`` add the linear head s = z W^T + b
 its residuals to those kernels, for ``fishr_lite.fused_head``: one node per domain computes
 the scores and the variances, and its backward writes dL/dz once. On the Colored MNIST step
 (2 x 25,000 x 390 features, ``benchmarks/bench_step.py``, case ``fishr_closed_form_compiled``)
-the two together took the closed form's extra time in the step from about 35 ms to about
-8 ms on 2 CPU cores (1.11x to 1.02-1.03x the ERM step).
+the two together took the closed form's extra time in the step from 25-35 ms to 6-14 ms on
+2 CPU cores (1.09-1.11x the ERM step to 1.02-1.05x, in the four records of 2026-12-03 from
+19:10 on).
 
 It is off by default: on a CPU inductor needs a C++ compiler, and the first call for each
 shape compiles for a few seconds (the kernels are then cached on disk). Turn it on for a block
@@ -104,8 +105,9 @@ def takes_compiled_path(residual: Tensor, features: Tensor) -> bool:
 
 
 def compiled(name: str) -> Callable:
-    """``torch.compile`` of :func:`variance_forward`, :func:`variance_backward`,
-    :func:`head_forward` or :func:`head_backward` (by ``name``, without the ``variance_``), built once."""
+    """``torch.compile`` of the kernel ``name``, built once: ``"forward"`` or ``"backward"``
+    (:func:`variance_forward`, :func:`variance_backward`), ``"head_forward"`` or
+    ``"head_backward"`` (:func:`head_forward`, :func:`head_backward`)."""
     if name not in _compiled:
         kernels = {"forward": variance_forward, "backward": variance_backward,
                    "head_forward": head_forward, "head_backward": head_backward}

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from fishr_lite.blocked import column_variances, under_torch_func
-from fishr_lite.grads import backpack_scores_and_grads, engine_name, per_sample_grads
 from fishr_lite.fused_head import linear_head_with_variances
+from fishr_lite.grads import backpack_scores_and_grads, engine_name, per_sample_grads
 from fishr_lite.head_variance import linear_head_variances
 
 Variances = list[dict[str, Tensor]]
@@ -232,7 +232,6 @@ def head_variances(
              for z, y, s in zip(features, targets, scores)]
     return domain_variances(grads, centered=centered, covariance=covariance, grad_scale=grad_scale,
                             full_covariance_divisor=full_covariance_divisor)
-
 
 
 def _takes_closed_form(head: nn.Module, features: Sequence[Tensor], engine: str, covariance: str) -> bool:

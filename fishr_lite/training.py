@@ -145,9 +145,11 @@ class FishrPenalty:
 
             logits, penalty = fishr.logits_and_penalty([featurizer(x) for x in xs], ys)
 
-        Inside ``with fishr_lite.compiled_variance.compiled_closed_form():`` the closed form
-        then computes each domain's head and variances in one node (``fishr_lite.fused_head``),
-        which saves a pass over the features' gradient."""
+        The head runs once per domain, where :meth:`penalty` without ``logits`` runs it again:
+        with ``engine="backpack"`` the scores are those of the forward BackPACK's hooks record,
+        and inside ``with fishr_lite.compiled_variance.compiled_closed_form():`` the closed form
+        computes each domain's head and variances in one autograd node
+        (``fishr_lite.fused_head``), whose backward writes the features' gradient once."""
         features, targets = self._per_domain(features, targets, domain_sizes)
         logits, variances = head_scores_and_variances(self.head, features, targets, loss=self.loss,
                                                       engine=self.engine, **self._variance_options())

@@ -58,9 +58,9 @@ def summarize(records: Sequence[dict]) -> "pandas.DataFrame":
 
 
 def histories(records: Sequence[dict]) -> "pandas.DataFrame":
-    """Every record's history in long form, one row per logged step (the columns of
-    :func:`fishr_lite.experiments.coloredmnist.train`'s history) with its configuration's fields as further columns
-    (``algorithm``, ``restart``, ``label_flip``, ...)."""
+    """Every record's history in long form, one row per logged step (the columns of the
+    history of :func:`fishr_lite.experiments.coloredmnist.train`) with its configuration's
+    fields as further columns (``algorithm``, ``restart``, ``label_flip``, ...)."""
     pd = require_pandas()
 
     frames = [pd.DataFrame(r["result"]["history"]).assign(**_config_columns(r["config"]))
