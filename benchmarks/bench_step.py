@@ -457,6 +457,8 @@ def print_table(record: dict) -> None:
               f"forward {parts['forward_s'] * 1e3:.1f} ms, backward {parts['backward_s'] * 1e3:.1f} ms, "
               f"adding its feature gradient to the head's {parts['accumulate_s'] * 1e3:.1f} ms "
               f"({parts['parts_over_step_extra']:.2f} x the step's extra)")
+    for kind, reason in mlp.get("skipped_cases", {}).items():
+        print(f"  {kind} did not run: {reason}")
     print(f"MNIST_CNN per-sample gradients, batch {cnn['batch']}, median of {cnn['repeats']}:")
     for name, t in cnn["median_s"].items():
         speed = cnn["speedup_over_loop"].get(name)
@@ -464,8 +466,6 @@ def print_table(record: dict) -> None:
     if "speedup_ceiling" in cnn:
         print(f"  ceiling: the loop takes {cnn['speedup_ceiling']:.1f} x one batched backward (summed "
               "gradient), which bounds any per-sample engine's speed-up here")
-    for kind, reason in mlp.get("skipped_cases", {}).items():
-        print(f"  {kind} did not run: {reason}")
     for kind, split in mlp.get("where_time_goes", {}).items():
         ops = ", ".join(f"{op} {ms:.0f}" for op, ms in split["top_ops_ms"].items())
         print(f"  where {kind}'s {split['total_ms']:.0f} ms go (profiled, ms): {ops}")

@@ -98,10 +98,13 @@ def head_backward(features: Tensor, weight: Tensor, scores: Tensor, residual: Te
     return grad_z + grad_z_variance, grad_s.T @ features, grad_s.sum(dim=0)
 
 
-def takes_compiled_path(residual: Tensor, features: Tensor) -> bool:
-    """Whether ``fishr_lite.head_variance`` uses the compiled kernels for these tensors."""
-    return (COMPILED.on and features.dtype in (torch.float32, torch.float64)
-            and residual.dtype == features.dtype and residual.device == features.device)
+def takes_compiled_path(*tensors: Tensor) -> bool:
+    """Whether the compiled kernels take these tensors (``fishr_lite.head_variance``: the
+    residuals and the features; ``fishr_lite.fused_head``: the features and the head's
+    weight): switched on, and all float32 or all float64 on one device."""
+    first = tensors[0]
+    return (COMPILED.on and first.dtype in (torch.float32, torch.float64)
+            and all(t.dtype == first.dtype and t.device == first.device for t in tensors))
 
 
 def compiled(name: str) -> Callable:

@@ -75,8 +75,7 @@ def _plain_gradients(features: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def takes_fused_path(head: nn.Module, features: Tensor) -> bool:
     """Whether :func:`linear_head_with_variances` computes the head inside the fused node."""
-    return (compiled_variance.COMPILED.on and type(head) is nn.Linear
-            and features.dtype in (torch.float32, torch.float64) and head.weight.dtype == features.dtype
+    return (type(head) is nn.Linear and compiled_variance.takes_compiled_path(features, head.weight)
             and not torch.is_autocast_enabled(features.device.type) and not under_torch_func(features)
             and not (head._forward_hooks or head._forward_pre_hooks))
 

@@ -218,20 +218,29 @@ def head_variances(
     ``engine`` and passes them to :func:`domain_variances`. ``logits``: optional per-domain
     ``head(features)`` already computed, reused by the closed form.
     """
-    if len(targets) != len(features):
-        raise ValueError(f"{len(features)} feature tensors but {len(targets)} target tensors; "
-                         "pass one targets tensor per domain.")
-    check_rows_per_domain([len(z) for z in features], None)
+    _check_domains(features, targets)
     engine = engine_name(engine)
     scores = [None] * len(features) if logits is None else list(logits)
     if _takes_closed_form(head, features, engine, covariance):
-        return [{name: v * grad_scale ** 2 if grad_scale != 1.0 else v for name, v in
-                 linear_head_variances(head, z, y, loss, centered=centered, logits=s).items()}
+        return [_scaled(linear_head_variances(head, z, y, loss, centered=centered, logits=s), grad_scale)
                 for z, y, s in zip(features, targets, scores)]
     grads = [per_sample_grads(head, z, y, loss=loss, engine=engine, logits=s)
              for z, y, s in zip(features, targets, scores)]
     return domain_variances(grads, centered=centered, covariance=covariance, grad_scale=grad_scale,
                             full_covariance_divisor=full_covariance_divisor)
+
+
+def _check_domains(features: Sequence[Tensor], targets: Sequence[Tensor]) -> None:
+    """One targets tensor per domain, and at least two rows in each."""
+    if len(targets) != len(features):
+        raise ValueError(f"{len(features)} feature tensors but {len(targets)} target tensors; "
+                         "pass one targets tensor per domain.")
+    check_rows_per_domain([len(z) for z in features], None)
+
+
+def _scaled(variances: dict[str, Tensor], grad_scale: float) -> dict[str, Tensor]:
+    """The closed form's variances of g_i, as those of ``grad_scale * g_i``."""
+    return variances if grad_scale == 1.0 else {name: v * grad_scale ** 2 for name, v in variances.items()}
 
 
 def _takes_closed_form(head: nn.Module, features: Sequence[Tensor], engine: str, covariance: str) -> bool:
@@ -251,19 +260,13 @@ def head_scores_and_variances(
     domain: with the closed form on an ``nn.Linear`` head and a diagonal covariance, head and
     variances are one autograd node where ``fishr_lite.fused_head.takes_fused_path`` (compiled
     kernels, opt-in); with BackPACK, the scores are those of the forward its hooks record."""
-    if len(targets) != len(features):
-        raise ValueError(f"{len(features)} feature tensors but {len(targets)} target tensors; "
-                         "pass one targets tensor per domain.")
-    check_rows_per_domain([len(z) for z in features], None)
+    _check_domains(features, targets)
     engine, loss = engine_name(options.pop("engine", "closed_form")), options.pop("loss", "bce")
     if _takes_closed_form(head, features, engine, options.get("covariance", "diagonal")):
-        grad_scale = options.get("grad_scale", 1.0)
-        scores, variances = [], []
-        for z, y in zip(features, targets):
-            s, v = linear_head_with_variances(head, z, y, loss, centered=options.get("centered", True))
-            scores.append(s)
-            variances.append({name: x * grad_scale ** 2 for name, x in v.items()} if grad_scale != 1.0 else v)
-        return scores, variances
+        centered, grad_scale = options.get("centered", True), options.get("grad_scale", 1.0)
+        scores, variances = zip(*(linear_head_with_variances(head, z, y, loss, centered=centered)
+                                  for z, y in zip(features, targets)))
+        return list(scores), [_scaled(v, grad_scale) for v in variances]
     if engine == "backpack" and not any(under_torch_func(z) for z in features):
         scores, grads = zip(*(backpack_scores_and_grads(head, z, y, loss) for z, y in zip(features, targets)))
         return list(scores), domain_variances(list(grads), **options)
