@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from fishr_lite import compiled_variance
 from fishr_lite.compiled_variance import compiled_closed_form, takes_compiled_path
@@ -13,18 +12,9 @@ from fishr_lite.penalty import reference_variance
 pytestmark = pytest.mark.slow  # each case compiles its kernels (seconds)
 
 
-def problem(loss, n=13, d=5, classes=3):
-    torch.manual_seed(0)
-    featurizer = nn.Sequential(nn.Linear(4, d), nn.Tanh()).double()
-    head = nn.Linear(d, 1 if loss == "bce" else classes).double()
-    x = torch.randn(n, 4, dtype=torch.float64)
-    y = torch.randint(0, 2, (n,)).double() if loss == "bce" else torch.randint(0, classes, (n,))
-    return featurizer, head, x, y
-
-
 @pytest.mark.parametrize("loss, centered, n", [("bce", True, 13), ("ce", False, 13), ("bce", False, 150)])
-def test_values_and_gradients_match_an_autograd_loop(loss, centered, n):
-    featurizer, head, x, y = problem(loss, n=n)
+def test_values_and_gradients_match_an_autograd_loop(head_problem, loss, centered, n):
+    featurizer, head, x, y = head_problem(loss, n=n)
     z = featurizer(x)
     assert takes_compiled_path(z, z) is False  # off by default
     with compiled_closed_form():
@@ -43,11 +33,11 @@ def test_values_and_gradients_match_an_autograd_loop(loss, centered, n):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_half_precision_and_create_graph_keep_the_eager_path():
+def test_half_precision_and_create_graph_keep_the_eager_path(head_problem):
     z16 = torch.randn(6, 3, dtype=torch.bfloat16)
     with compiled_closed_form():
         assert not takes_compiled_path(z16.float(), z16)
-        featurizer, head, x, y = problem("bce")
+        featurizer, head, x, y = head_problem("bce")
         z = featurizer(x)
         v = linear_head_variances(head, z, y)["weight"]
         (grad_z,) = torch.autograd.grad(v.sum(), z, create_graph=True)  # differentiable again
@@ -55,13 +45,13 @@ def test_half_precision_and_create_graph_keep_the_eager_path():
     assert torch.isfinite(second).all()
 
 
-def test_a_kernel_that_cannot_be_built_says_what_to_do(monkeypatch):
+def test_a_kernel_that_cannot_be_built_says_what_to_do(head_problem, monkeypatch):
     from torch._dynamo.exc import BackendCompilerFailed
 
     def cannot_build(*args):
         raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler found"), None)
 
     monkeypatch.setattr(compiled_variance, "compiled", lambda name: cannot_build)
-    featurizer, head, x, y = problem("bce")
+    featurizer, head, x, y = head_problem("bce")
     with compiled_closed_form(), pytest.raises(RuntimeError, match=r"C\+\+ compiler.*g\+\+"):
         linear_head_variances(head, featurizer(x), y)

@@ -11,15 +11,6 @@ from fishr_lite.penalty import reference_variance
 from fishr_lite.training import FishrPenalty
 
 
-def problem(loss, n=13, d=5, classes=3, bias=True, seed=0):
-    torch.manual_seed(seed)
-    featurizer = nn.Sequential(nn.Linear(4, d), nn.Tanh()).double()
-    head = nn.Linear(d, 1 if loss == "bce" else classes, bias=bias).double()
-    x = torch.randn(n, 4, dtype=torch.float64)
-    y = torch.randint(0, 2, (n,)).double() if loss == "bce" else torch.randint(0, classes, (n,))
-    return featurizer, head, x, y
-
-
 def reference(head, z, y, loss, centered, create_graph=True):
     """The variances of per-sample gradients computed one sample at a time."""
     return {name: reference_variance(g.reshape(len(g), -1), centered).reshape(g.shape[1:])
@@ -31,8 +22,8 @@ def objective(scores, variances, weights):
     return scores.pow(2).sum() + sum((weights[k] * variances[k]).sum() for k in variances)
 
 
-def test_off_by_default_and_kept_off_where_the_node_does_not_apply():
-    featurizer, head, x, y = problem("bce")
+def test_off_by_default_and_kept_off_where_the_node_does_not_apply(head_problem):
+    featurizer, head, x, y = head_problem("bce")
     z = featurizer(x)
     assert not takes_fused_path(head, z)
     with compiled_closed_form():
@@ -48,8 +39,8 @@ def test_off_by_default_and_kept_off_where_the_node_does_not_apply():
         assert not takes_fused_path(nn.Sequential(head), z)
 
 
-def test_outside_the_node_it_is_the_head_then_its_variances():
-    featurizer, head, x, y = problem("ce", bias=False)
+def test_outside_the_node_it_is_the_head_then_its_variances(head_problem):
+    featurizer, head, x, y = head_problem("ce", bias=False)
     z = featurizer(x)
     scores, got = linear_head_with_variances(head, z, y, "ce", centered=False)
     torch.testing.assert_close(scores, head(z), rtol=0, atol=0)
@@ -58,8 +49,8 @@ def test_outside_the_node_it_is_the_head_then_its_variances():
     torch.testing.assert_close(got["weight"], want["weight"], rtol=1e-10, atol=1e-14)
 
 
-def test_logits_and_penalty_match_the_penalty_of_the_heads_logits():
-    featurizer, head, x, y = problem("bce", n=20)
+def test_logits_and_penalty_match_the_penalty_of_the_heads_logits(head_problem):
+    featurizer, head, x, y = head_problem("bce", n=20)
     fishr = FishrPenalty(head, convention="colored_mnist")
     z = featurizer(x)
     features, targets = [z[:9], z[9:]], [y[:9], y[9:]]
@@ -75,9 +66,9 @@ def test_logits_and_penalty_match_the_penalty_of_the_heads_logits():
 @pytest.mark.parametrize("loss, centered, bias, n", [
     ("bce", True, True, 13), ("bce", True, True, 150),  # 150 rows: groups of 64 and a remainder
     ("ce", False, True, 13), ("ce", True, False, 200)])
-def test_values_and_gradients_match_an_autograd_loop(loss, centered, bias, n):
+def test_values_and_gradients_match_an_autograd_loop(head_problem, loss, centered, bias, n):
     torch._dynamo.reset()
-    featurizer, head, x, y = problem(loss, n=n, bias=bias)
+    featurizer, head, x, y = head_problem(loss, n=n, bias=bias)
     z = featurizer(x)
     params = list(featurizer.parameters()) + list(head.parameters())
     with compiled_closed_form():
@@ -96,9 +87,9 @@ def test_values_and_gradients_match_an_autograd_loop(loss, centered, bias, n):
 
 
 @pytest.mark.slow
-def test_second_derivatives_match_an_autograd_loop():
+def test_second_derivatives_match_an_autograd_loop(head_problem):
     torch._dynamo.reset()
-    featurizer, head, x, y = problem("bce")
+    featurizer, head, x, y = head_problem("bce")
     z = featurizer(x)
     weights = {"weight": torch.randn(1, 5, dtype=torch.float64), "bias": torch.randn(1, dtype=torch.float64)}
 
@@ -117,9 +108,9 @@ def test_second_derivatives_match_an_autograd_loop():
 @pytest.mark.parametrize("engine, compiled", [
     pytest.param("closed_form", True, marks=pytest.mark.slow), ("closed_form", False), ("backpack", False),
     ("torch.func", False)])
-def test_a_training_step_through_logits_and_penalty_matches_an_autograd_loop(engine, compiled):
+def test_a_training_step_through_logits_and_penalty_matches_an_autograd_loop(head_problem, engine, compiled):
     torch._dynamo.reset()
-    featurizer, head, x, y = problem("bce", n=30)
+    featurizer, head, x, y = head_problem("bce", n=30)
     fishr = FishrPenalty(head, engine=engine, convention="colored_mnist")
     params = list(featurizer.parameters()) + list(head.parameters())
 

@@ -24,15 +24,6 @@ class CountBackward(torch.autograd.Function):
         return grad
 
 
-def make_problem(loss: str, n: int = 12, d_in: int = 5, d: int = 4, classes: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    featurizer = nn.Sequential(nn.Linear(d_in, d), nn.Tanh()).double()
-    head = nn.Linear(d, 1 if loss == "bce" else classes).double()
-    x = torch.randn(n, d_in, dtype=torch.float64)
-    y = torch.randint(0, 2, (n,)).double() if loss == "bce" else torch.randint(0, classes, (n,))
-    return featurizer, head, x, y
-
-
 def assert_close_dict(actual: dict, expected: dict) -> None:
     assert set(actual) == set(expected)
     for name in expected:
@@ -42,8 +33,8 @@ def assert_close_dict(actual: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("engine", HEAD_ENGINES)
 @pytest.mark.parametrize("loss", ["bce", "ce"])
-def test_head_engines_match_loop(engine, loss):
-    featurizer, head, x, y = make_problem(loss)
+def test_head_engines_match_loop(head_problem, engine, loss):
+    featurizer, head, x, y = head_problem(loss)
     features = featurizer(x)
     expected = loop_grads(head, features, y, loss=loss)
     grads = per_sample_grads(head, features, y, loss=loss, engine=engine)
@@ -51,8 +42,8 @@ def test_head_engines_match_loop(engine, loss):
     assert all(g.requires_grad for g in grads.values())  # create_graph kept
 
 
-def test_closed_form_uses_given_logits():
-    featurizer, head, x, y = make_problem("bce")
+def test_closed_form_uses_given_logits(head_problem):
+    featurizer, head, x, y = head_problem("bce")
     features = featurizer(x)
     logits = head(features).squeeze(-1)
     grads = per_sample_grads(head, features, y, loss="bce", logits=logits)
@@ -81,8 +72,8 @@ def test_torch_func_small_convnet_matches_loop():
 
 
 @pytest.mark.parametrize("engine", HEAD_ENGINES)
-def test_engine_does_not_backpropagate_through_featurizer(engine):
-    featurizer, head, x, y = make_problem("bce")
+def test_engine_does_not_backpropagate_through_featurizer(head_problem, engine):
+    featurizer, head, x, y = head_problem("bce")
     features = CountBackward.apply(featurizer(x))
     CountBackward.calls = 0
     grads = per_sample_grads(head, features, y, loss="bce", engine=engine)
@@ -95,8 +86,8 @@ def test_engine_does_not_backpropagate_through_featurizer(engine):
     assert CountBackward.calls == 1 and weight_grad.abs().sum() > 0
 
 
-def test_backpack_leaves_user_head_untouched_and_torch_func_still_works():
-    featurizer, head, x, y = make_problem("ce")
+def test_backpack_leaves_user_head_untouched_and_torch_func_still_works(head_problem):
+    featurizer, head, x, y = head_problem("ce")
     features = featurizer(x)
     per_sample_grads(head, features, y, loss="ce", engine="backpack")
     assert not getattr(head, "_backpack_extend", False)
@@ -105,8 +96,8 @@ def test_backpack_leaves_user_head_untouched_and_torch_func_still_works():
     assert_close_dict(grads, loop_grads(head, features, y, loss="ce"))
 
 
-def test_backpack_follows_parameter_updates():
-    featurizer, head, x, y = make_problem("bce")
+def test_backpack_follows_parameter_updates(head_problem):
+    featurizer, head, x, y = head_problem("bce")
     features = featurizer(x).detach()
     per_sample_grads(head, features, y, loss="bce", engine="backpack")
     with torch.no_grad():
@@ -115,16 +106,16 @@ def test_backpack_follows_parameter_updates():
     assert_close_dict(grads, loop_grads(head, features, y, loss="bce"))
 
 
-def test_functorch_is_an_alias_of_torch_func():
-    featurizer, head, x, y = make_problem("ce")
+def test_functorch_is_an_alias_of_torch_func(head_problem):
+    featurizer, head, x, y = head_problem("ce")
     features = featurizer(x)
     assert_close_dict(per_sample_grads(head, features, y, loss="ce", engine="functorch"),
                       per_sample_grads(head, features, y, loss="ce", engine="torch.func"))
 
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
-def test_backpack_on_a_two_layer_head_matches_loop_with_featurizer_gradient(loss):
-    featurizer, _, x, y = make_problem(loss)
+def test_backpack_on_a_two_layer_head_matches_loop_with_featurizer_gradient(head_problem, loss):
+    featurizer, _, x, y = head_problem(loss, d=4)
     head = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1 if loss == "bce" else 3)).double()
     features = featurizer(x)
     grads = per_sample_grads(head, features, y, loss=loss, engine="backpack")
@@ -146,19 +137,19 @@ def test_backpack_on_a_two_layer_head_matches_loop_with_featurizer_gradient(loss
         ({"loss": "mse"}, "unknown loss"),
     ],
 )
-def test_bad_arguments_raise(kwargs, match):
-    featurizer, head, x, y = make_problem("bce")
+def test_bad_arguments_raise(head_problem, kwargs, match):
+    featurizer, head, x, y = head_problem("bce")
     with pytest.raises(ValueError, match=match):
         per_sample_grads(head, featurizer(x), y, **kwargs)
 
 
-def test_closed_form_rejects_non_linear_head():
-    featurizer, head, x, y = make_problem("bce")
+def test_closed_form_rejects_non_linear_head(head_problem):
+    featurizer, head, x, y = head_problem("bce")
     with pytest.raises(ValueError, match="nn.Linear"):
         per_sample_grads(nn.Sequential(head), featurizer(x), y, engine="closed_form")
 
 
-def test_mismatched_targets_raise():
-    featurizer, head, x, y = make_problem("bce")
+def test_mismatched_targets_raise(head_problem):
+    featurizer, head, x, y = head_problem("bce")
     with pytest.raises(ValueError, match="targets"):
         per_sample_grads(head, featurizer(x), y[:-1])

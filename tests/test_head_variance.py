@@ -10,21 +10,12 @@ from fishr_lite.head_variance import _WeightVariance, linear_head_variances
 from fishr_lite.penalty import reference_variance
 
 
-def problem(loss, n=11, d=5, classes=3, seed=0):
-    torch.manual_seed(seed)
-    featurizer = nn.Sequential(nn.Linear(4, d), nn.Tanh()).double()
-    head = nn.Linear(d, 1 if loss == "bce" else classes).double()
-    x = torch.randn(n, 4, dtype=torch.float64)
-    y = torch.randint(0, 2, (n,)).double() if loss == "bce" else torch.randint(0, classes, (n,))
-    return featurizer, head, x, y
-
-
 @pytest.mark.parametrize("block", [2048, 3])  # one block, and several with a ragged last one
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("loss", ["bce", "ce"])
-def test_values_and_gradients_match_an_autograd_loop(monkeypatch, loss, centered, block):
+def test_values_and_gradients_match_an_autograd_loop(head_problem, monkeypatch, loss, centered, block):
     monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", block)
-    featurizer, head, x, y = problem(loss)
+    featurizer, head, x, y = head_problem(loss)
     z = featurizer(x)
     got = linear_head_variances(head, z, y, loss, centered=centered)
     want = {name: reference_variance(g.reshape(len(g), -1), centered).reshape(g.shape[1:])
@@ -52,8 +43,8 @@ def test_weight_variance_passes_gradcheck_and_gradgradcheck(monkeypatch):
         assert torch.autograd.gradgradcheck(function, (r, z))
 
 
-def test_bad_input_raises_clear_errors():
-    featurizer, head, x, y = problem("bce")
+def test_bad_input_raises_clear_errors(head_problem):
+    featurizer, head, x, y = head_problem("bce")
     z = featurizer(x)
     with pytest.raises(ValueError, match="nn.Linear"):
         linear_head_variances(nn.Sequential(head), z, y)
