@@ -14,7 +14,7 @@ its residuals to those kernels, for ``fishr_lite.fused_head``: one node per doma
 the scores and the variances, and its backward writes dL/dz once. On the Colored MNIST step
 (2 x 25,000 x 390 features, ``benchmarks/bench_step.py``, case ``fishr_closed_form_compiled``)
 the two together took the closed form's extra time in the step from 25-35 ms to 6-14 ms on
-2 CPU cores (1.09-1.11x the ERM step to 1.02-1.05x, in the four records of 2026-12-03 from
+2 CPU cores (1.09-1.12x the ERM step to 1.02-1.05x, in the six records of 2026-12-03 from
 19:10 on).
 
 It is off by default: on a CPU inductor needs a C++ compiler, and the first call for each
