@@ -128,7 +128,8 @@ def run(name: str, *args: Optional[Tensor] | bool | str) -> tuple[Optional[Tenso
         raise RuntimeError(
             "compiled_closed_form(): torch.compile could not build the closed form's kernels "
             f"({error.inner_exception!r}). On a CPU it needs a C++ compiler (e.g. `apt-get install "
-            "g++`); or leave compiled_closed_form off: the eager closed form gives the same values."
+            "g++`), on a GPU the triton package (`pip install triton`); or leave compiled_closed_form "
+            "off: the eager closed form gives the same values."
         ) from error
 
 
