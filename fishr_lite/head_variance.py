@@ -75,7 +75,7 @@ class _WeightVariance(torch.autograd.Function):
         grad_r = torch.empty_like(residual) if ctx.needs_input_grad[0] else None
         grad_z = torch.empty_like(features) if ctx.needs_input_grad[1] else None
         buffer = block_buffer(features, n, _deviation_shape(residual, features), residual.dtype)
-        for a, b in row_blocks(n):
+        for a, b in row_blocks(n, len(buffer)):
             r, z = residual[a:b], features[a:b]
             weighted = _deviations(r, z, negative_mean, out=buffer[: b - a]).mul_(scaled)  # G∘D_i
             if classes == 1:
@@ -100,7 +100,7 @@ def _blocked_variance(residual: Tensor, features: Tensor, centered: bool) -> tup
     negative_mean = None if mean is None else -mean
     variance = features.new_zeros(residual.shape[1], features.shape[1], dtype=residual.dtype)
     buffer = block_buffer(features, n, _deviation_shape(residual, features), residual.dtype)
-    for a, b in row_blocks(n):
+    for a, b in row_blocks(n, len(buffer)):
         z = features[a:b].to(residual.dtype)
         variance += _deviations(residual[a:b], z, negative_mean, out=buffer[: b - a]).square_().sum(dim=0)
     return variance / n, mean

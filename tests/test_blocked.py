@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fishr_lite.blocked as blocked
-from fishr_lite.blocked import column_variances, row_blocks
+from fishr_lite.blocked import column_variances, row_blocks, rows_per_block
 from fishr_lite.penalty import reference_variance
 
 
@@ -31,10 +31,19 @@ def test_passes_gradcheck(monkeypatch):
         assert torch.autograd.gradgradcheck(lambda g: column_variances(g, centered), (g,))
 
 
-def test_row_blocks_cover_the_rows_once(monkeypatch):
-    monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", 4)
-    assert row_blocks(10) == [(0, 4), (4, 8), (8, 10)]
-    assert row_blocks(0) == []
+def test_row_blocks_cover_the_rows_once():
+    assert row_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert row_blocks(10, 10) == [(0, 10)]
+    assert row_blocks(0, 1) == []
+
+
+def test_blocks_fit_a_cpu_cache_and_a_gpu_block_takes_many_rows():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device name: no GPU needed
+    assert rows_per_block(25_000, cpu, 390) == blocked.ROWS_PER_BLOCK
+    assert rows_per_block(13, cpu, 390) == 13
+    assert rows_per_block(25_000, gpu, 390) == 25_000  # a Colored MNIST domain: one block
+    assert rows_per_block(25_000, gpu, 10 * 390) == blocked.GPU_BLOCK_NUMEL // 3900 < 25_000
+    assert rows_per_block(0, gpu, 390) == 1
 
 
 def test_rejects_a_tensor_that_is_not_a_matrix():
