@@ -15,8 +15,9 @@ This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.training.Fi
 (n, C, d) per-sample gradients of ``closed_form_grads`` are never materialized, and the
 features are read in row blocks that fit in cache, so the penalty costs four passes over
 the features (two forward, two backward) instead of a dozen, and allocates one (n, d)
-tensor. The result equals ``domain_variances(closed_form_grads(...))`` (tested in float64,
-values and gradients). Inside ``with fishr_lite.compiled_variance.compiled_closed_form():``
+tensor (two on a GPU, where a block holds all the rows: ``fishr_lite.blocked.rows_per_block``).
+The result equals ``domain_variances(closed_form_grads(...))`` (tested in float64, values
+and gradients). Inside ``with fishr_lite.compiled_variance.compiled_closed_form():``
 the forward and the backward run as kernels fused by ``torch.compile`` instead (opt-in).
 
 Half-precision features or logits (``torch.autocast``) are accumulated in float32. The
