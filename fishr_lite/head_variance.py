@@ -12,10 +12,10 @@ g_i^b = r_i, so their per-coordinate variances over the n samples of a domain ne
 (``centered=False`` sets m and mean_j r_j to 0), with a hand-written backward.
 
 This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.training.FishrPenalty`: the
-(n, C, d) per-sample gradients of ``closed_form_grads`` are never materialized, and the
-features are read in row blocks that fit in cache, so the penalty costs four passes over
-the features (two forward, two backward) instead of a dozen, and allocates one (n, d)
-tensor (two on a GPU, where a block holds all the rows: ``fishr_lite.blocked.rows_per_block``).
+(n, C, d) per-sample gradients of ``closed_form_grads`` are only ever formed one row block at
+a time, in one reused buffer, and on a CPU the blocks fit in cache, so the penalty costs four
+passes over the features (two forward, two backward) instead of a dozen, and allocates one
+(n, d) tensor (a GPU takes up to 2^24 numbers per block: ``fishr_lite.blocked.rows_per_block``).
 The result equals ``domain_variances(closed_form_grads(...))`` (tested in float64, values
 and gradients). Inside ``with fishr_lite.compiled_variance.compiled_closed_form():``
 the forward and the backward run as kernels fused by ``torch.compile`` instead (opt-in).
