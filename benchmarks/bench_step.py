@@ -42,12 +42,12 @@ from torch import nn
 
 import fishr_lite
 from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing_freed_memory
-from fishr_lite.experiments.coloredmnist import MLP
+from fishr_lite.experiments.coloredmnist import MLP, training_batches
 from fishr_lite.compiled_variance import compiled_closed_form
 from fishr_lite.head_variance import linear_head_variances
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
 from fishr_lite.linear_relu import fused_linear_relu
-from fishr_lite.objectives import DomainBatch, make_objective
+from fishr_lite.objectives import make_objective
 from fishr_lite.penalty import COLORED_MNIST_CONVENTION, fishr_penalty
 
 TARGETS = {
@@ -108,25 +108,18 @@ def make_mlp_step(kind: str, model: MLP, data) -> Callable[[], None]:
     engine = "closed_form" if compiled else kind.removeprefix("fishr_")
     options = {} if kind == "erm" else {"engine": engine, "convention": "colored_mnist"}
     objective = make_objective("erm" if kind == "erm" else "fishr", model.head, "bce", **options)
-    targets = [y for _, y in data]
 
-    def erm_step() -> None:
-        batches = [DomainBatch(*model(x), y) for x, y in data]
-        finish(regularized(objective.risks(batches).mean()))
-
-    def fishr_step() -> None:  # the model stops at the features; the penalty applies the head
+    def step() -> None:  # the training script's batches: with Fishr the penalty applies the head
         with compiled_closed_form(compiled):
-            features = [model.features(x) for x, _ in data]
-            logits, penalty = objective.logits_and_penalty(features, targets)
-            batches = [DomainBatch(z, s.squeeze(-1), y) for z, s, y in zip(features, logits, targets)]
-            finish((regularized(objective.risks(batches).mean()) + PENALTY_WEIGHT * penalty) / PENALTY_WEIGHT)
+            batches, penalty = training_batches(model, objective, data)
+            loss = regularized(objective.risks(batches).mean())
+            if penalty is not None:
+                loss = (loss + PENALTY_WEIGHT * penalty) / PENALTY_WEIGHT
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
-    def finish(loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return erm_step if kind == "erm" else fishr_step
+    return step
 
 
 def erm_matmul_flops(n_total: int, dims=(392, 390, 390, 1)) -> float:

@@ -185,16 +185,17 @@ def total_loss(config: Config, model: nn.Module, train_nll: torch.Tensor,
     return penalty_schedule(config).combine(loss, penalty, step)
 
 
-def training_batches(model: MLP, objective: Objective,
-                     envs: Sequence[Environment]) -> tuple[list[DomainBatch], torch.Tensor | None]:
-    """The step's batches, and Fishr's penalty (None for the other objectives, whose penalty
-    the loop computes after the risks). Fishr applies the head itself (the same values; inside
-    ``fishr_lite.compiled_variance.compiled_closed_form()``, one autograd node per domain)."""
+def training_batches(model: MLP, objective: Objective, domains: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> tuple[list[DomainBatch], torch.Tensor | None]:
+    """The step's batches for ``(images, labels)`` of each domain, and Fishr's penalty (None for
+    the other objectives, whose penalty the loop computes after the risks). Fishr applies the
+    head itself (the same values; inside ``fishr_lite.compiled_variance.compiled_closed_form()``,
+    one autograd node per domain)."""
     if isinstance(objective, FishrObjective):
-        features = [model.features(env.images) for env in envs]
-        logits, penalty = objective.logits_and_penalty(features, [env.labels for env in envs])
-        return [DomainBatch(z, s.squeeze(-1), env.labels) for z, s, env in zip(features, logits, envs)], penalty
-    return [DomainBatch(*model(env.images), env.labels) for env in envs], None
+        features = [model.features(x) for x, _ in domains]
+        logits, penalty = objective.logits_and_penalty(features, [y for _, y in domains])
+        return [DomainBatch(z, s.squeeze(-1), y) for z, s, (_, y) in zip(features, logits, domains)], penalty
+    return [DomainBatch(*model(x), y) for x, y in domains], None
 
 
 def train(
@@ -244,8 +245,9 @@ def train(
         "step", "train_nll", "train_acc", "test_acc", "gray_test_acc", "penalty", *monitors)}
     diagnostics: list = []
 
+    training_domains = [(env.images, env.labels) for env in (train_a, train_b)]
     for step in range(config.steps):
-        batches, penalty = training_batches(model, objective, (train_a, train_b))
+        batches, penalty = training_batches(model, objective, training_domains)
         train_nll = objective.risks(batches).mean()
         penalty = objective.penalty(batches) if penalty is None else penalty
         loss = total_loss(config, model, train_nll, penalty, step)
