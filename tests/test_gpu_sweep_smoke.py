@@ -53,9 +53,9 @@ def test_cost_estimate_is_the_one_the_docstring_gives():
     assert gpu.estimated_gpu_seconds(smoke[0]) < 0.01  # narrow network, 6 steps, 24 images
 
 
-def _smoke(tmp_path: Path, out: str) -> subprocess.CompletedProcess:
+def _smoke(tmp_path: Path, out: str, **variables: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / out),
-               DOMAINBED_SMOKE_BASE=str(tmp_path / "base"))
+               DOMAINBED_SMOKE_BASE=str(tmp_path / "base"), **variables)
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--smoke"], env=env,
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -77,9 +77,17 @@ def check_table2_smoke(first_out: Path, second_out: Path) -> None:
         assert record["config"]["algorithm"] in ("erm", "irm", "vrex", "fishr")
 
 
+def test_a_call_starts_nothing_its_budget_cannot_hold(tmp_path):
+    result = _smoke(tmp_path, "out", GPU_RUN_BUDGET="0")
+    left = (tmp_path / "out" / "left_for_next_call.txt").read_text().splitlines()
+    assert len(left) == 2 and "Table 2" in left[0] and "DomainBed sweep" in left[1], left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["left_for_next_call.txt"]
+    assert "left for the next call" in result.stdout
+
+
 @pytest.mark.slow
 def test_smoke_runs_the_sweep_archives_it_and_resumes(tmp_path):
-    first = _smoke(tmp_path, "out1")
+    first = _smoke(tmp_path, "out1", GPU_RUN_BUDGET="300")  # step 3's limits shrink to fit
     assert "this call: 18 runs finished, 0 failed" in first.stdout
     archive = tmp_path / "out1" / "domainbed_records.tgz"
     with tarfile.open(archive) as tar:
@@ -89,6 +97,8 @@ def test_smoke_runs_the_sweep_archives_it_and_resumes(tmp_path):
     assert len(runs) == 18 and all((p / "done").exists() for p in runs)
     call = json.loads((sweep_dir / "calls.jsonl").read_text())
     assert call["options"]["smoke"] and call["machine"]["device"] == "cpu"
+    limit = call["options"]["time_limit"]
+    assert 200 < limit <= 280 and call["options"]["stop_starting_after"] == limit - 150, call["options"]
     assert len(call["finished"]) == 18 and all(s > 0 for s in call["finished"].values())
 
     stray = tmp_path / "base/data/results/domainbed/gpu_sweep_smoke/0123abcd"
