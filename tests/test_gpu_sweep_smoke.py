@@ -139,3 +139,35 @@ def test_time_limit_stops_runs_and_the_next_call_starts_them_over(tmp_path):
     assert sorted(result.finished) == sorted([long.output_dir.name, short.output_dir.name])
     assert long.state == DONE  # started over: 3 steps, checkpoints at steps 0 and 2
     assert len((long.output_dir / "results.jsonl").read_text().splitlines()) == 2
+
+
+def _full_call(tmp_path: Path, budget: int, bench_seconds: int) -> tuple[list[str], str]:
+    """gpu_run.sh's GPU mode with a stand-in interpreter that logs each call (and sleeps in the
+    step benchmark): the order of the steps and what the budget leaves out, without a GPU."""
+    tmp_path.mkdir(exist_ok=True)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\ncat > /dev/null\n'
+                    f'if [[ "$1" == benchmarks/bench_step.py ]]; then sleep {bench_seconds}; fi\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), GPU_RUN_BUDGET=str(budget),
+               COLOREDMNIST_ROOT=str(tmp_path / "coloredmnist"))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], env=env, cwd=ROOT,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    left = out / "left_for_next_call.txt"
+    return log.read_text().splitlines(), left.read_text() if left.exists() else ""
+
+
+def test_a_full_call_runs_its_steps_in_order_and_leaves_what_its_budget_cannot_hold(tmp_path):
+    calls, left = _full_call(tmp_path, budget=201, bench_seconds=2)
+    steps = [c for c in calls if "pip install" not in c]
+    assert steps[0].startswith("-c import torch") and steps[1].startswith("benchmarks/bench_step.py --device cuda")
+    assert "--algorithm erm --algorithm irm --algorithm vrex --algorithm fishr" in steps[2]
+    assert "--label-flip 0" in steps[3] and "fishr-fullcov" in steps[4] and steps[5].startswith("- ")
+    assert len(steps) == 6 and "step 3, the DomainBed sweep" in left  # 199 s left: under its 200
+
+    calls, left = _full_call(tmp_path / "roomy", budget=560, bench_seconds=0)
+    sweep = [c for c in calls if c.startswith("benchmarks/domainbed_gpu_sweep.py")]
+    assert len(sweep) == 1 and not left
+    assert "--time-limit 510 --stop-starting-after 360" in sweep[0]  # the sweep's own defaults
