@@ -160,12 +160,12 @@ def _full_call(tmp_path: Path, budget: int, bench_seconds: int) -> tuple[list[st
 
 
 def test_a_full_call_runs_its_steps_in_order_and_leaves_what_its_budget_cannot_hold(tmp_path):
-    calls, left = _full_call(tmp_path, budget=201, bench_seconds=2)
+    calls, left = _full_call(tmp_path, budget=203, bench_seconds=4)
     steps = [c for c in calls if "pip install" not in c]
     assert steps[0].startswith("-c import torch") and steps[1].startswith("benchmarks/bench_step.py --device cuda")
     assert "--algorithm erm --algorithm irm --algorithm vrex --algorithm fishr" in steps[2]
     assert "--label-flip 0" in steps[3] and "fishr-fullcov" in steps[4] and steps[5].startswith("- ")
-    assert len(steps) == 6 and "step 3, the DomainBed sweep" in left  # 199 s left: under its 200
+    assert len(steps) == 6 and "step 3, the DomainBed sweep" in left  # at most 199 s left: under its 200
 
     calls, left = _full_call(tmp_path / "roomy", budget=560, bench_seconds=0)
     sweep = [c for c in calls if c.startswith("benchmarks/domainbed_gpu_sweep.py")]
