@@ -42,6 +42,7 @@ from torch import nn
 
 import fishr_lite
 from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing_freed_memory
+from fishr_lite.domainbed.networks import MNIST_CNN
 from fishr_lite.experiments.coloredmnist import MLP, training_batches
 from fishr_lite.compiled_variance import compiled_closed_form
 from fishr_lite.head_variance import linear_head_variances
@@ -63,10 +64,8 @@ PENALTY_WEIGHT = 91257.18613115903
 
 def mnist_cnn(in_channels: int = 2, classes: int = 2) -> nn.Sequential:
     """DomainBed's MNIST_CNN featurizer (conv -> ReLU -> GroupNorm, x4) plus a linear head."""
-    blocks, channels = [], [in_channels, 64, 128, 128, 128]
-    for k, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
-        blocks += [nn.Conv2d(c_in, c_out, 3, stride=2 if k == 1 else 1, padding=1), nn.ReLU(), nn.GroupNorm(8, c_out)]
-    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
+    featurizer = MNIST_CNN((in_channels, 28, 28))
+    return nn.Sequential(featurizer, nn.Linear(featurizer.n_outputs, classes))
 
 
 def make_mlp_step(kind: str, model: MLP, data) -> Callable[[], None]:
