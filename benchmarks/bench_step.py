@@ -47,7 +47,8 @@ from fishr_lite.experiments.coloredmnist import MLP, training_batches
 from fishr_lite.compiled_variance import compiled_closed_form
 from fishr_lite.head_variance import linear_head_variances
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
-from fishr_lite.linear_relu import fused_linear_relu
+from fishr_lite.linear_relu import _KERNEL as _ONEDNN_LINEAR
+from fishr_lite.linear_relu import fused_linear_relu, takes_fused_path
 from fishr_lite.objectives import make_objective
 from fishr_lite.penalty import COLORED_MNIST_CONVENTION, fishr_penalty
 
@@ -129,19 +130,27 @@ def erm_matmul_flops(n_total: int, dims=(392, 390, 390, 1)) -> float:
 
 
 def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1), device: str = "cpu") -> Callable[[], None]:
-    """The ERM step's matrix products with their exact shapes, on random data."""
+    """The ERM step's matrix products with their exact shapes, on random data, by the kernels
+    the step calls: the hidden layers' forward and input gradient by oneDNN's linear kernel
+    where ``fishr_lite.linear_relu`` takes it (float32 on a CPU), everything else by ``@``."""
     pairs = list(zip(dims[:-1], dims[1:]))
     acts = [torch.randn(n, a, device=device) for a, _ in pairs]
     weights = [torch.randn(b, a, device=device) for a, b in pairs]
     outs = [torch.randn(n, b, device=device) for _, b in pairs]
+    hidden = len(pairs) - 1  # the last pair is the head, an nn.Linear
+    onednn = [takes_fused_path(a, w, torch.zeros(w.shape[0], device=device)) and k < hidden
+              for k, (a, w) in enumerate(zip(acts, weights))]
 
     def run() -> None:
         for _ in range(domains):
             for k, (a, w, g) in enumerate(zip(acts, weights, outs)):
-                a @ w.T  # forward
+                if onednn[k]:
+                    _ONEDNN_LINEAR(a, w, None, "none", [], "")  # forward
+                else:
+                    a @ w.T
                 g.T @ a  # weight gradient
-                if k > 0:
-                    g @ w  # input gradient
+                if k > 0:  # input gradient
+                    _ONEDNN_LINEAR(g, w.t(), None, "none", [], "") if onednn[k] else g @ w
     return run
 
 
@@ -290,6 +299,10 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
             "erm_matmul_time_at_rate_s": flops / gemm_rate,
             "erm_over_gemm_time": medians["erm"] / (flops / gemm_rate),
             "step_shapes_gemm_time_s": medians["gemm_step_shapes"],
+            # from 2026-12-06 on, the hidden layers' forward and input-gradient products by the
+            # oneDNN kernel the step uses (before: every product by `@`)
+            "step_shapes_kernels": "onednn forward and input gradient of the hidden layers, @ for the rest"
+            if torch.device(device).type == "cpu" and _ONEDNN_LINEAR is not None else "@",
             "erm_over_step_shapes_gemm_time": medians["erm"] / medians["gemm_step_shapes"],
             "erm_plain_layers_over_step_shapes_gemm_time": medians["erm_plain_layers"] / medians["gemm_step_shapes"],
         },

@@ -8,6 +8,10 @@ cache. The backward is the usual one, written out:
 
     g = dL/dy * 1[y > 0],   dL/dx = g W,   dL/dW = g^T x,   dL/db = sum_i g_i
 
+and dL/dx = g W = g (W^T)^T is the same oneDNN linear map without bias (on a 2-core AMD EPYC,
+37 ms for a 25,000 x 390 by 390 x 390 product against 67 ms through ``@``, PyTorch's BLAS);
+under ``create_graph=True`` it is ``g @ W``, so that the backward itself can be differentiated.
+
 :func:`linear_relu` takes the fused kernel where it applies (float32 CPU tensors, oneDNN
 built in, no ``torch.func`` transform active: ``vmap`` and friends get the plain ops) and
 ``relu(linear(x))`` everywhere else, so a model that calls it runs on any device and under
@@ -59,7 +63,9 @@ class _FusedLinearReLU(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         x, weight, output = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(grad_output, output, 0.0)  # dL/dy * 1[y > 0]
-        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # oneDNN for g W too, unless create_graph records this backward
+            grad_x = g @ weight if torch.is_grad_enabled() else _KERNEL(g, weight.t(), None, "none", [], "")
         grad_weight = g.t() @ x if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
