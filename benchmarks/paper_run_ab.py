@@ -2,11 +2,12 @@
 ``linear_relu`` (default): the fused Linear + ReLU layer (``fishr_lite.linear_relu``, on by
 default) against plain Linear then ReLU; ``compiled_closed_form``: the closed form's compiled
 kernels, the head in the penalty's node (``fishr_lite.fused_head``), against the eager closed
-form.
+form; ``onednn_input_gradient``: the fused layer's input gradient by oneDNN against ``@``.
 
     python benchmarks/paper_run_ab.py                 # Fishr, restart 0: about 10 minutes
     python benchmarks/paper_run_ab.py --steps 50      # a shorter check
     python benchmarks/paper_run_ab.py --switch compiled_closed_form
+    python benchmarks/paper_run_ab.py --switch onednn_input_gradient
 
 Each run is its own process with one torch thread and freed memory reused
 (``fishr_lite.cpu_memory``), both started together, so they share the machine alike. The
@@ -36,9 +37,10 @@ from fishr_lite.cpu_memory import reuse_freed_memory
 reuse_freed_memory()
 from fishr_lite.experiments import coloredmnist as cm
 from fishr_lite.compiled_variance import compiled_closed_form
-from fishr_lite.linear_relu import fused_linear_relu
+from fishr_lite.linear_relu import fused_linear_relu, onednn_input_gradient
 config = cm.Config(**json.loads(sys.argv[1]))
-switch = {"linear_relu": fused_linear_relu, "compiled_closed_form": compiled_closed_form}[sys.argv[2]]
+switch = {"linear_relu": fused_linear_relu, "compiled_closed_form": compiled_closed_form,
+          "onednn_input_gradient": onednn_input_gradient}[sys.argv[2]]
 cm.environments(config.restart, config.label_flip, config.fraction, "cpu")  # data outside the timer
 start = time.perf_counter()
 with switch(sys.argv[3] == "on"):
@@ -48,8 +50,10 @@ print(json.dumps({"wall_time_s": time.perf_counter() - start, "history": result[
 
 
 #: switch -> (name of the run with it on, with it off)
-KINDS = {"linear_relu": ("fused", "plain"), "compiled_closed_form": ("compiled", "eager")}
-LABELS = {"fused": "fused Linear + ReLU", "compiled": "compiled closed form"}
+KINDS = {"linear_relu": ("fused", "plain"), "compiled_closed_form": ("compiled", "eager"),
+         "onednn_input_gradient": ("onednn", "blas")}
+LABELS = {"fused": "fused Linear + ReLU", "compiled": "compiled closed form",
+          "onednn": "oneDNN input gradient"}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -11,6 +11,7 @@ cache. The backward is the usual one, written out:
 and dL/dx = g W = g (W^T)^T is the same oneDNN linear map without bias (on a 2-core AMD EPYC,
 37 ms for a 25,000 x 390 by 390 x 390 product against 67 ms through ``@``, PyTorch's BLAS);
 under ``create_graph=True`` it is ``g @ W``, so that the backward itself can be differentiated.
+:func:`onednn_input_gradient` switches that off for a block.
 
 :func:`linear_relu` takes the fused kernel where it applies (float32 CPU tensors, oneDNN
 built in, no ``torch.func`` transform active: ``vmap`` and friends get the plain ops) and
@@ -32,6 +33,7 @@ from torch import Tensor
 from fishr_lite.switches import Switch
 
 FUSED = Switch(True)  # read by takes_fused_path; changed by fused_linear_relu
+ONEDNN_INPUT_GRADIENT = Switch(True)  # read by the backward; changed by onednn_input_gradient
 
 
 def _onednn_linear_pointwise():
@@ -65,7 +67,8 @@ class _FusedLinearReLU(torch.autograd.Function):
         g = torch.ops.aten.threshold_backward(grad_output, output, 0.0)  # dL/dy * 1[y > 0]
         grad_x = None
         if ctx.needs_input_grad[0]:  # oneDNN for g W too, unless create_graph records this backward
-            grad_x = g @ weight if torch.is_grad_enabled() else _KERNEL(g, weight.t(), None, "none", [], "")
+            by_onednn = ONEDNN_INPUT_GRADIENT.on and not torch.is_grad_enabled()
+            grad_x = _KERNEL(g, weight.t(), None, "none", [], "") if by_onednn else g @ weight
         grad_weight = g.t() @ x if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
@@ -96,4 +99,10 @@ def fused_linear_relu(enabled: bool) -> contextlib.AbstractContextManager:
     return FUSED.turned(enabled)
 
 
-__all__ = ["fused_linear_relu", "linear_relu", "takes_fused_path"]
+def onednn_input_gradient(enabled: bool) -> contextlib.AbstractContextManager:
+    """``with onednn_input_gradient(False):`` makes the fused layer's backward compute
+    dL/dx = g W by ``@`` (PyTorch's BLAS) instead of the oneDNN kernel (to compare timings)."""
+    return ONEDNN_INPUT_GRADIENT.turned(enabled)
+
+
+__all__ = ["fused_linear_relu", "linear_relu", "onednn_input_gradient", "takes_fused_path"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fishr_lite.experiments.coloredmnist import MLP
-from fishr_lite.linear_relu import _KERNEL, fused_linear_relu, linear_relu, takes_fused_path
+from fishr_lite.linear_relu import _KERNEL, fused_linear_relu, linear_relu, onednn_input_gradient, takes_fused_path
 
 needs_kernel = pytest.mark.skipif(_KERNEL is None, reason="this PyTorch build has no oneDNN linear kernel")
 
@@ -23,7 +23,8 @@ def by_formula(x, weight, bias):
 
 
 @needs_kernel
-def test_values_and_gradients_match_the_formula():
+@pytest.mark.parametrize("onednn", [True, False])  # the input gradient by oneDNN, or by @
+def test_values_and_gradients_match_the_formula(onednn):
     x, weight, bias = inputs()
     assert takes_fused_path(x, weight, bias)
     y = linear_relu(x, weight, bias)
@@ -31,7 +32,8 @@ def test_values_and_gradients_match_the_formula():
     assert 0.3 < (y > 0).float().mean() < 0.7  # both sides of the kink are exercised
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, weight, bias), upstream)
+    with onednn_input_gradient(onednn):
+        got = torch.autograd.grad(y, (x, weight, bias), upstream)
     want = torch.autograd.grad(expected, (x, weight, bias), upstream)
     for name, a, b in zip(("x", "weight", "bias"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
