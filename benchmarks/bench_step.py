@@ -129,10 +129,12 @@ def erm_matmul_flops(n_total: int, dims=(392, 390, 390, 1)) -> float:
     return 2 * forward + sum(2 * n_total * a * b for a, b in pairs[1:])
 
 
-def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1), device: str = "cpu") -> Callable[[], None]:
+def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1),
+                    device: str = "cpu") -> tuple[Callable[[], None], str]:
     """The ERM step's matrix products with their exact shapes, on random data, by the kernels
     the step calls: the hidden layers' forward and input gradient by oneDNN's linear kernel
-    where ``fishr_lite.linear_relu`` takes it (float32 on a CPU), everything else by ``@``."""
+    where ``fishr_lite.linear_relu`` takes it (float32 on a CPU), everything else by ``@``.
+    Returns the timed call and a description of those kernels."""
     pairs = list(zip(dims[:-1], dims[1:]))
     acts = [torch.randn(n, a, device=device) for a, _ in pairs]
     weights = [torch.randn(b, a, device=device) for a, b in pairs]
@@ -151,7 +153,8 @@ def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1), device: str =
                 g.T @ a  # weight gradient
                 if k > 0:  # input gradient
                     _ONEDNN_LINEAR(g, w.t(), None, "none", [], "") if onednn[k] else g @ w
-    return run
+    kernels = "onednn forward and input gradient of the hidden layers, @ for the rest" if any(onednn) else "@"
+    return run, kernels
 
 
 def make_closed_form_parts(n: int, domains: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
@@ -267,7 +270,7 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
 
     tasks["erm_plain_layers"] = erm_plain_layers
     tasks["gemm_square"] = make_square_gemm(gemm_size, device)
-    tasks["gemm_step_shapes"] = make_step_gemms(n_per_domain, 2, device=device)
+    tasks["gemm_step_shapes"], step_gemm_kernels = make_step_gemms(n_per_domain, 2, device=device)
     tasks.update(make_closed_form_parts(n_per_domain, 2, device=device))
     faults: dict[str, list[int]] = {}
     times = round_robin(tasks, repeats, device=device, faults=faults)
@@ -301,8 +304,7 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
             "step_shapes_gemm_time_s": medians["gemm_step_shapes"],
             # from 2026-12-06 on, the hidden layers' forward and input-gradient products by the
             # oneDNN kernel the step uses (before: every product by `@`)
-            "step_shapes_kernels": "onednn forward and input gradient of the hidden layers, @ for the rest"
-            if torch.device(device).type == "cpu" and _ONEDNN_LINEAR is not None else "@",
+            "step_shapes_kernels": step_gemm_kernels,
             "erm_over_step_shapes_gemm_time": medians["erm"] / medians["gemm_step_shapes"],
             "erm_plain_layers_over_step_shapes_gemm_time": medians["erm_plain_layers"] / medians["gemm_step_shapes"],
         },
