@@ -45,7 +45,7 @@ from fishr_lite.cpu_memory import minor_page_faults, reuse_freed_memory, reusing
 from fishr_lite.domainbed.networks import MNIST_CNN
 from fishr_lite.experiments.coloredmnist import MLP, training_batches
 from fishr_lite.compiled_variance import compiled_closed_form
-from fishr_lite.head_variance import linear_head_variances
+from fishr_lite.fused_head import linear_head_with_variances
 from fishr_lite.grads import loop_grads, per_sample_grads, summed_loss
 from fishr_lite.linear_relu import _KERNEL as _ONEDNN_LINEAR
 from fishr_lite.linear_relu import fused_linear_relu, takes_fused_path
@@ -158,34 +158,40 @@ def make_step_gemms(n: int, domains: int, dims=(392, 390, 390, 1),
 
 
 def make_closed_form_parts(n: int, domains: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
-    """The closed-form penalty alone, on stored features (n, 390) and logits of ``domains``
-    domains: its forward, its forward and backward (gradients to features and logits), and
-    the one addition autograd makes in the step to sum the penalty's feature gradient with
-    the head's (an in-place add of two (n, 390) tensors per domain)."""
+    """The head and the closed-form penalty alone, on stored features (n, 390) of ``domains``
+    domains: the head's scores and their mean BCE, forward only and forward with the backward
+    to the features and the head's parameters (what ERM's head costs in the step), and the
+    same with the head and the variances in one node (``fishr_lite.fused_head``, as the
+    closed-form step computes them), the variances added to the risk."""
     gen = torch.Generator().manual_seed(1)
     head = nn.Linear(390, 1).to(device)
     features = [torch.rand(n, 390, generator=gen).to(device).requires_grad_() for _ in range(domains)]
     targets = [torch.randint(0, 2, (n,), generator=gen).float().to(device) for _ in range(domains)]
-    logits = [head(z).detach().squeeze(-1).requires_grad_() for z in features]
-    head_gradients = [torch.rand(n, 390, generator=gen).to(device) for _ in range(domains)]
+    inputs = features + list(head.parameters())
 
-    def variances() -> list[dict[str, torch.Tensor]]:
-        return [linear_head_variances(head, z, y, logits=s) for z, y, s in zip(features, targets, logits)]
+    def head_loss() -> torch.Tensor:
+        return sum(F.binary_cross_entropy_with_logits(head(z).squeeze(-1), y) for z, y in zip(features, targets))
 
-    def forward() -> None:
-        with torch.no_grad():
-            variances()
+    def node_loss() -> torch.Tensor:
+        total = 0
+        for z, y in zip(features, targets):
+            scores, variances = linear_head_with_variances(head, z, y)
+            total = total + F.binary_cross_entropy_with_logits(scores.squeeze(-1), y)
+            total = total + variances["weight"].sum() + variances["bias"].sum()
+        return total
 
-    def forward_backward() -> None:
-        total = sum(v["weight"].sum() + v["bias"].sum() for v in variances())
-        torch.autograd.grad(total, features + logits)
+    def forward_only(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                loss()
+        return run
 
-    def accumulate() -> None:
-        for into, z in zip(head_gradients, features):
-            into.add_(z.detach())
+    def forward_backward(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: torch.autograd.grad(loss(), inputs)
 
-    return {"closed_form_forward": forward, "closed_form_forward_backward": forward_backward,
-            "feature_gradient_accumulate": accumulate}
+    return {"head_forward": forward_only(head_loss), "head_forward_backward": forward_backward(head_loss),
+            "closed_form_node_forward": forward_only(node_loss),
+            "closed_form_node_forward_backward": forward_backward(node_loss)}
 
 
 def make_square_gemm(size: int, device: str = "cpu") -> Callable[[], None]:
@@ -290,9 +296,11 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
         # the ERM step with Linear then ReLU (no fused kernel) over the step the cases use
         "erm_plain_layers_over_erm": medians["erm_plain_layers"] / medians["erm"],
         "erm_plain_layers_over_erm_per_round": per_round_spread(times, ["erm_plain_layers"])["erm_plain_layers"],
-        # the closed form's extra time in the step, and its parts timed alone (see
-        # make_closed_form_parts): forward + backward + the gradient addition, over that extra
-        "closed_form_parts": closed_form_parts(medians),
+        # the closed form's extra time in the step, and the node of head and variances timed
+        # alone against the head alone (make_closed_form_parts; records before 2026-12-06, 22:00
+        # have "closed_form_parts" instead: the penalty alone, eager, then the addition of its
+        # feature gradient to the head's)
+        "closed_form_node_parts": closed_form_parts(medians),
         # 4 KB pages the kernel had to supply during one call: fresh memory for large tensors
         "minor_page_faults_median": {name: statistics.median(f) for name, f in faults.items()},
         "gemm": {
@@ -312,15 +320,13 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
 
 
 def closed_form_parts(medians: dict[str, float]) -> dict[str, float]:
-    """Where the closed form's extra step time goes: its penalty alone, forward and backward,
-    and the addition of its feature gradient to the head's, against the step's extra time."""
-    parts = medians["closed_form_forward_backward"] + medians["feature_gradient_accumulate"]
+    """Where the closed form's extra step time goes: the node of head and variances alone,
+    forward and forward + backward, minus the head alone, against the step's extra time."""
     extra = medians["fishr_closed_form"] - medians["erm"]
-    return {"step_extra_s": extra,
-            "forward_s": medians["closed_form_forward"],
-            "backward_s": medians["closed_form_forward_backward"] - medians["closed_form_forward"],
-            "accumulate_s": medians["feature_gradient_accumulate"],
-            "parts_over_step_extra": parts / extra if extra > 0 else float("nan")}
+    forward = medians["closed_form_node_forward"] - medians["head_forward"]
+    both = medians["closed_form_node_forward_backward"] - medians["head_forward_backward"]
+    return {"step_extra_s": extra, "forward_extra_s": forward, "backward_extra_s": both - forward,
+            "node_extra_over_step_extra": both / extra if extra > 0 else float("nan")}
 
 
 def bench_cnn(batch: int, repeats: int, device: str = "cpu") -> dict:
@@ -458,12 +464,12 @@ def print_table(record: dict) -> None:
         print(f"  ERM step with Linear then ReLU (no fused kernel): {mlp['median_s']['erm_plain_layers'] * 1e3:.1f} ms = "
               f"{mlp['erm_plain_layers_over_erm']:.2f} x the ERM step (per round {rounds['min']:.2f}-{rounds['max']:.2f}), "
               f"{g['erm_plain_layers_over_step_shapes_gemm_time']:.2f} x its own GEMMs")
-    if "closed_form_parts" in mlp:
-        parts = mlp["closed_form_parts"]
-        print(f"  the closed form adds {parts['step_extra_s'] * 1e3:.1f} ms to the step; alone, on stored features: "
-              f"forward {parts['forward_s'] * 1e3:.1f} ms, backward {parts['backward_s'] * 1e3:.1f} ms, "
-              f"adding its feature gradient to the head's {parts['accumulate_s'] * 1e3:.1f} ms "
-              f"({parts['parts_over_step_extra']:.2f} x the step's extra)")
+    if "closed_form_node_parts" in mlp:
+        parts = mlp["closed_form_node_parts"]
+        print(f"  the closed form adds {parts['step_extra_s'] * 1e3:.1f} ms to the step; alone, on stored features, "
+              f"its node of head and variances takes {parts['forward_extra_s'] * 1e3:.1f} ms (forward) + "
+              f"{parts['backward_extra_s'] * 1e3:.1f} ms (backward) more than the head "
+              f"({parts['node_extra_over_step_extra']:.2f} x the step's extra)")
     for kind, reason in mlp.get("skipped_cases", {}).items():
         print(f"  {kind} did not run: {reason}")
     print(f"MNIST_CNN per-sample gradients, batch {cnn['batch']}, median of {cnn['repeats']}:")

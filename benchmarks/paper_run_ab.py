@@ -1,13 +1,16 @@
 """One paper-profile Colored MNIST run, twice side by side, with a switch of the library on and off:
 ``linear_relu`` (default): the fused Linear + ReLU layer (``fishr_lite.linear_relu``, on by
 default) against plain Linear then ReLU; ``compiled_closed_form``: the closed form's compiled
-kernels, the head in the penalty's node (``fishr_lite.fused_head``), against the eager closed
-form; ``onednn_input_gradient``: the fused layer's input gradient by oneDNN against ``@``.
+kernels against the eager closed form; ``onednn_input_gradient``: the fused layer's input
+gradient by oneDNN against ``@``; ``fuse_head_and_variances``: the head and the closed form's
+variances in one node per domain (``fishr_lite.fused_head``, on by default) against the head,
+then the variances.
 
     python benchmarks/paper_run_ab.py                 # Fishr, restart 0: about 10 minutes
     python benchmarks/paper_run_ab.py --steps 50      # a shorter check
     python benchmarks/paper_run_ab.py --switch compiled_closed_form
     python benchmarks/paper_run_ab.py --switch onednn_input_gradient
+    python benchmarks/paper_run_ab.py --switch fuse_head_and_variances
 
 Each run is its own process with one torch thread and freed memory reused
 (``fishr_lite.cpu_memory``), both started together, so they share the machine alike. The
@@ -37,10 +40,11 @@ from fishr_lite.cpu_memory import reuse_freed_memory
 reuse_freed_memory()
 from fishr_lite.experiments import coloredmnist as cm
 from fishr_lite.compiled_variance import compiled_closed_form
+from fishr_lite.fused_head import fuse_head_and_variances
 from fishr_lite.linear_relu import fused_linear_relu, onednn_input_gradient
 config = cm.Config(**json.loads(sys.argv[1]))
 switch = {"linear_relu": fused_linear_relu, "compiled_closed_form": compiled_closed_form,
-          "onednn_input_gradient": onednn_input_gradient}[sys.argv[2]]
+          "onednn_input_gradient": onednn_input_gradient, "fuse_head_and_variances": fuse_head_and_variances}[sys.argv[2]]
 cm.environments(config.restart, config.label_flip, config.fraction, "cpu")  # data outside the timer
 start = time.perf_counter()
 with switch(sys.argv[3] == "on"):
@@ -51,9 +55,9 @@ print(json.dumps({"wall_time_s": time.perf_counter() - start, "history": result[
 
 #: switch -> (name of the run with it on, with it off)
 KINDS = {"linear_relu": ("fused", "plain"), "compiled_closed_form": ("compiled", "eager"),
-         "onednn_input_gradient": ("onednn", "blas")}
+         "onednn_input_gradient": ("onednn", "blas"), "fuse_head_and_variances": ("one_node", "head_then_variances")}
 LABELS = {"fused": "fused Linear + ReLU", "compiled": "compiled closed form",
-          "onednn": "oneDNN input gradient"}
+          "onednn": "oneDNN input gradient", "one_node": "head and variances in one node"}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,7 +1,8 @@
 """The closed form's per-domain work fused by ``torch.compile`` (opt-in).
 
 For residuals r (n, C) and features z (n, d) of one domain, ``fishr_lite.head_variance``
-computes with eager operations over row blocks, a few passes over each block ::
+computes with eager operations over row blocks, a few passes over each block while it is in
+cache ::
 
     forward : m = r^T z / n,   v = (1/n) sum_i (r_i z_i^T - m)^2           (m = 0 if not centered)
     backward: W_i = G' o (r_i z_i^T - m),  G' = (2/n) dL/dv,
@@ -14,8 +15,9 @@ its residuals to those kernels, for ``fishr_lite.fused_head``: one node per doma
 the scores and the variances, and its backward writes dL/dz once. On the Colored MNIST step
 (2 x 25,000 x 390 features, ``benchmarks/bench_step.py``, case ``fishr_closed_form_compiled``)
 the two together took the closed form's extra time in the step from 25-35 ms to 6-14 ms on
-2 CPU cores (1.09-1.12x the ERM step to 1.02-1.05x, in the six records of 2026-12-03 from
-19:10 on).
+2 CPU cores of an Intel Xeon (1.09-1.12x the ERM step to 1.02-1.05x, in the six records of
+2026-12-03 from 19:10 on). The eager node of ``fishr_lite.fused_head``, in row blocks, has
+since come as close (``benchmarks/README.md``).
 
 It is off by default: on a CPU inductor needs a C++ compiler, and the first call for each
 shape compiles for a few seconds (the kernels are then cached on disk). Turn it on for a block
@@ -32,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fishr_lite.grads import score_residuals
+from fishr_lite.grads import residual_vjp, score_residuals
 from fishr_lite.switches import Switch
 
 COMPILED = Switch(False)  # read by takes_compiled_path; changed by compiled_closed_form
@@ -86,13 +88,7 @@ def head_backward(features: Tensor, weight: Tensor, scores: Tensor, residual: Te
     back through r = p - y, p = sigmoid(s) or softmax(s), and joins dL/ds; then
     dL/dz = dL/ds W + the variance's dL/dz, dL/dW = dL/ds^T z, dL/db = sum_i dL/ds_i."""
     grad_r_variance, grad_z_variance = variance_backward(residual, features, mean, grad_v)
-    grad_r = grad_r + grad_r_variance
-    if loss == "bce":
-        p = torch.sigmoid(scores)
-        grad_s = grad_s + grad_r * p * (1 - p)
-    else:
-        p = torch.softmax(scores, dim=1)
-        grad_s = grad_s + p * (grad_r - (p * grad_r).sum(dim=1, keepdim=True))
+    grad_s = grad_s + residual_vjp(scores, grad_r + grad_r_variance, loss)
     # one output: dL/ds W is an outer product, fused into the same loop as the variance's dL/dz
     grad_z = grad_s * weight if weight.shape[0] == 1 else grad_s @ weight
     return grad_z + grad_z_variance, grad_s.T @ features, grad_s.sum(dim=0)

@@ -2,25 +2,31 @@
 
 In a training step with the closed-form penalty, the head's scores s = z W^T + b and the
 variances v^W of ``fishr_lite.head_variance`` both read the (n, d) features z, and both send
-a gradient back to them: autograd then adds the penalty's dL/dz to the head's, one more pass
-over an (n, d) tensor per domain. :func:`linear_head_with_variances` computes s, the
-residuals r = dl/ds and v^W in one node, whose backward writes dL/dz once: ::
+a gradient back to them: computed one after the other, that is a pass over z for the scores,
+one for the variances, and in the backward one for each gradient plus the pass in which
+autograd adds them. :func:`linear_head_with_variances` computes s, the residuals r = dl/ds
+and v^W in one node, whose backward writes dL/dz once: ::
 
     dL/ds_i <- dL/ds_i + J_i^T dL/dr_i    (J_i = dr_i/ds_i: p_i (1 - p_i) for BCE,
                                            diag(p_i) - p_i p_i^T for cross-entropy)
     dL/dz_i  = W^T dL/ds_i + sum_c r_ic (G'∘D_i)_c     (the second term: head_variance's)
     dL/dW    = sum_i dL/ds_i z_i^T,     dL/db = sum_i dL/ds_i
 
-The node runs as the compiled kernels of ``fishr_lite.compiled_variance``, so it is taken
-inside ``with compiled_closed_form():`` only, for float32/64 features outside autocast and
-``torch.func``, and a plain ``nn.Linear`` without hooks. Everywhere else the function returns
-``head(features)`` and ``linear_head_variances(...)`` of those scores: the same values, from
-the eager path. A second derivative through the node (``create_graph=True``) recomputes the
-head and the variance with plain operations.
+By default the node runs in row blocks that stay in cache (``head_variance``'s
+``blocked_head_forward`` and ``blocked_head_backward``): one pass over z forward, one
+backward, the same memory traffic as the head alone. Inside ``with compiled_closed_form():``
+it runs as the compiled kernels of ``fishr_lite.compiled_variance`` instead. The node is
+taken for float32/64 features and head outside autocast and ``torch.func``, and a plain
+``nn.Linear`` without hooks (:func:`takes_fused_path`); everywhere else, or inside
+``with fuse_head_and_variances(False):``, the function returns ``head(features)`` and
+``linear_head_variances(...)`` of those scores: the same values up to float rounding. A
+second derivative through the node (``create_graph=True``) recomputes the head and the
+variance with plain operations.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -30,17 +36,25 @@ from torch import Tensor, nn
 import fishr_lite.compiled_variance as compiled_variance
 from fishr_lite.blocked import under_torch_func
 from fishr_lite.grads import score_residuals
-from fishr_lite.head_variance import bias_variance, linear_head_variances
+from fishr_lite.head_variance import (bias_variance, blocked_head_backward, blocked_head_forward,
+                                     linear_head_variances)
+from fishr_lite.switches import Switch
+
+FUSED = Switch(True)  # read by takes_fused_path; changed by fuse_head_and_variances
 
 
 class _HeadWithVariance(torch.autograd.Function):
-    """(s, r, v^W) of the module docstring, by the compiled kernels."""
+    """(s, r, v^W) of the module docstring, by the blocked or the compiled kernels."""
 
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, loss: str,
                 centered: bool):
-        scores, residual, variance, mean = compiled_variance.run(
-            "head_forward", features, weight, bias, targets, loss, centered)
+        ctx.compiled = compiled_variance.takes_compiled_path(features, weight)
+        if ctx.compiled:
+            outputs = compiled_variance.run("head_forward", features, weight, bias, targets, loss, centered)
+        else:
+            outputs = blocked_head_forward(features, weight, bias, targets, loss, centered)
+        scores, residual, variance, mean = outputs
         ctx.loss, ctx.centered, ctx.has_bias = loss, centered, bias is not None
         ctx.save_for_backward(features, weight, bias, targets, scores, residual, mean)
         return scores, residual, variance
@@ -52,8 +66,9 @@ class _HeadWithVariance(torch.autograd.Function):
             grads = _plain_gradients(features, weight, bias, targets, ctx.loss, ctx.centered,
                                      (grad_s, grad_r, grad_v))
         else:
-            grads = compiled_variance.run("head_backward", features, weight, scores, residual, mean,
-                                          grad_s, grad_r, grad_v, ctx.loss)
+            arguments = (features, weight, scores, residual, mean, grad_s, grad_r, grad_v, ctx.loss)
+            grads = (compiled_variance.run("head_backward", *arguments) if ctx.compiled
+                     else blocked_head_backward(*arguments))
         grad_z, grad_w, grad_b = grads
         return grad_z, grad_w, grad_b if ctx.has_bias else None, None, None, None
 
@@ -75,9 +90,16 @@ def _plain_gradients(features: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def takes_fused_path(head: nn.Module, features: Tensor) -> bool:
     """Whether :func:`linear_head_with_variances` computes the head inside the fused node."""
-    return (type(head) is nn.Linear and compiled_variance.takes_compiled_path(features, head.weight)
+    return (FUSED.on and type(head) is nn.Linear and features.dtype in (torch.float32, torch.float64)
+            and head.weight.dtype == features.dtype and head.weight.device == features.device
             and not torch.is_autocast_enabled(features.device.type) and not under_torch_func(features)
             and not (head._forward_hooks or head._forward_pre_hooks))
+
+
+def fuse_head_and_variances(enabled: bool) -> contextlib.AbstractContextManager:
+    """``with fuse_head_and_variances(False):`` makes :func:`linear_head_with_variances` run
+    the head, then the variances (to compare timings)."""
+    return FUSED.turned(enabled)
 
 
 def linear_head_with_variances(
@@ -96,4 +118,4 @@ def linear_head_with_variances(
     return scores, variances
 
 
-__all__ = ["linear_head_with_variances", "takes_fused_path"]
+__all__ = ["fuse_head_and_variances", "linear_head_with_variances", "takes_fused_path"]

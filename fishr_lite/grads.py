@@ -124,15 +124,30 @@ def head_residuals(
     return score_residuals(scores, targets, loss)
 
 
-def score_residuals(scores: Tensor, targets: Tensor, loss: str) -> Tensor:
+def score_residuals(scores: Tensor, targets: Tensor, loss: str, out: Optional[Tensor] = None) -> Tensor:
     """r_i = dl_i/ds_i ``(n, C)`` for scores s ``(n, C)``: sigmoid(s_i) - y_i (BCE with logits),
-    softmax(s_i) - onehot(y_i) (cross-entropy). Half-precision scores give float32 residuals."""
+    softmax(s_i) - onehot(y_i) (cross-entropy). Half-precision scores give float32 residuals.
+    ``out``: a float32/64 tensor of the scores' shape to write them into."""
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if loss == "bce":
-        return torch.sigmoid(scores) - bce_targets(targets, scores)
+        if out is None:
+            return torch.sigmoid(scores) - bce_targets(targets, scores)
+        return torch.sigmoid(scores, out=out).sub_(bce_targets(targets, scores))
     if loss == "ce":
-        return torch.softmax(scores, dim=1) - F.one_hot(targets, scores.shape[1]).to(scores.dtype)
+        residual = torch.softmax(scores, dim=1) - F.one_hot(targets, scores.shape[1]).to(scores.dtype)
+        return residual if out is None else out.copy_(residual)
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
+
+
+def residual_vjp(scores: Tensor, grad_residual: Tensor, loss: str) -> Tensor:
+    """dL/ds_i = J_i^T dL/dr_i for the residuals r = :func:`score_residuals` of scores s:
+    J_i = p_i (1 - p_i) with p_i = sigmoid(s_i) (BCE), J_i = diag(p_i) - p_i p_i^T with
+    p_i = softmax(s_i) (cross-entropy; J_i is symmetric)."""
+    if loss == "bce":
+        p = torch.sigmoid(scores)
+        return grad_residual * p * (1 - p)
+    p = torch.softmax(scores, dim=1)
+    return p * (grad_residual - (p * grad_residual).sum(dim=1, keepdim=True))
 
 
 @register_engine("closed_form")

@@ -258,8 +258,8 @@ def head_scores_and_variances(
     """``([head(z_e)], head_variances(...))``: each domain's scores, computed here, and the
     variances of :func:`head_variances` (same ``options``) for them. The head runs once per
     domain: with the closed form on an ``nn.Linear`` head and a diagonal covariance, head and
-    variances are one autograd node where ``fishr_lite.fused_head.takes_fused_path`` (compiled
-    kernels, opt-in); with BackPACK, the scores are those of the forward its hooks record."""
+    variances are one autograd node where ``fishr_lite.fused_head.takes_fused_path`` (float32
+    or float64, no autocast); with BackPACK, the scores are those of the forward its hooks record."""
     _check_domains(features, targets)
     engine, loss = engine_name(options.pop("engine", "closed_form")), options.pop("loss", "bce")
     if _takes_closed_form(head, features, engine, options.get("covariance", "diagonal")):

@@ -147,9 +147,9 @@ class FishrPenalty:
 
         The head runs once per domain, where :meth:`penalty` without ``logits`` runs it again:
         with ``engine="backpack"`` the scores are those of the forward BackPACK's hooks record,
-        and inside ``with fishr_lite.compiled_variance.compiled_closed_form():`` the closed form
-        computes each domain's head and variances in one autograd node
-        (``fishr_lite.fused_head``), whose backward writes the features' gradient once."""
+        and the closed form computes each domain's head and variances in one autograd node
+        (``fishr_lite.fused_head``: one pass over the features forward, one backward, which
+        writes their gradient once)."""
         features, targets = self._per_domain(features, targets, domain_sizes)
         logits, variances = head_scores_and_variances(self.head, features, targets, loss=self.loss,
                                                       engine=self.engine, **self._variance_options())

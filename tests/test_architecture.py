@@ -14,7 +14,7 @@ ALLOWED = {
     "switches": set(),
     "compiled_variance": {"grads", "switches"},
     "head_variance": {"grads", "blocked", "compiled_variance"},
-    "fused_head": {"grads", "blocked", "compiled_variance", "head_variance"},
+    "fused_head": {"grads", "blocked", "compiled_variance", "head_variance", "switches"},
     "penalty": {"grads", "head_variance", "fused_head", "blocked"},
     "training": {"grads", "penalty"},
     "objectives": {"grads", "penalty", "training", "blocked"},

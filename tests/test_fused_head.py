@@ -1,11 +1,14 @@
 """The head and its variances in one node, against a plain autograd loop over the samples."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
+import fishr_lite.blocked as blocked
 from fishr_lite.compiled_variance import compiled_closed_form
-from fishr_lite.fused_head import linear_head_with_variances, takes_fused_path
+from fishr_lite.fused_head import fuse_head_and_variances, linear_head_with_variances, takes_fused_path
 from fishr_lite.grads import loop_grads
 from fishr_lite.penalty import reference_variance
 from fishr_lite.training import FishrPenalty
@@ -22,27 +25,30 @@ def objective(scores, variances, weights):
     return scores.pow(2).sum() + sum((weights[k] * variances[k]).sum() for k in variances)
 
 
-def test_off_by_default_and_kept_off_where_the_node_does_not_apply(head_problem):
+def test_taken_where_the_node_applies_and_not_elsewhere(head_problem):
     featurizer, head, x, y = head_problem("bce")
     z = featurizer(x)
-    assert not takes_fused_path(head, z)
+    assert takes_fused_path(head, z)
     with compiled_closed_form():
         assert takes_fused_path(head, z)
-        assert not takes_fused_path(head, z.to(torch.bfloat16))
-        assert not takes_fused_path(head.float(), z)  # parameters in another dtype
-        head.double()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not takes_fused_path(head, z)
-        handle = head.register_forward_hook(lambda module, args, out: None)
-        assert not takes_fused_path(head, z)  # a hooked head runs as a module
-        handle.remove()
-        assert not takes_fused_path(nn.Sequential(head), z)
+    with fuse_head_and_variances(False):
+        assert not takes_fused_path(head, z)
+    assert not takes_fused_path(head, z.to(torch.bfloat16))
+    assert not takes_fused_path(head.float(), z)  # parameters in another dtype
+    head.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not takes_fused_path(head, z)
+    handle = head.register_forward_hook(lambda module, args, out: None)
+    assert not takes_fused_path(head, z)  # a hooked head runs as a module
+    handle.remove()
+    assert not takes_fused_path(nn.Sequential(head), z)
 
 
 def test_outside_the_node_it_is_the_head_then_its_variances(head_problem):
     featurizer, head, x, y = head_problem("ce", bias=False)
     z = featurizer(x)
-    scores, got = linear_head_with_variances(head, z, y, "ce", centered=False)
+    with fuse_head_and_variances(False):
+        scores, got = linear_head_with_variances(head, z, y, "ce", centered=False)
     torch.testing.assert_close(scores, head(z), rtol=0, atol=0)
     want = reference(head, z, y, "ce", centered=False)
     assert set(got) == set(want) == {"weight"}
@@ -55,27 +61,46 @@ def test_logits_and_penalty_match_the_penalty_of_the_heads_logits(head_problem):
     z = featurizer(x)
     features, targets = [z[:9], z[9:]], [y[:9], y[9:]]
     logits, penalty = fishr.logits_and_penalty(features, targets)
+    # up to rounding: the node sums a one-output head's row dot products in its own order
+    for s, zz in zip(logits, features):
+        torch.testing.assert_close(s, head(zz), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(penalty, fishr.penalty(features, targets, logits=logits), rtol=1e-12, atol=1e-18)
+    with fuse_head_and_variances(False):  # the head, then the penalty of its logits: the same numbers
+        logits, penalty = fishr.logits_and_penalty(features, targets)
     for s, zz in zip(logits, features):
         torch.testing.assert_close(s, head(zz), rtol=0, atol=0)
     torch.testing.assert_close(penalty, fishr.penalty(features, targets, logits=logits), rtol=0, atol=0)
     concatenated, _ = fishr.logits_and_penalty(z, y, domain_sizes=[9, 11])
     for s, zz in zip(concatenated, features):  # the head applied to each domain's rows
-        torch.testing.assert_close(s, head(zz), rtol=0, atol=0)
-    # against one product over all rows only up to rounding: a BLAS may sum a 9-row and a
-    # 20-row product in different orders (it does on AMD EPYC)
-    torch.testing.assert_close(torch.cat(concatenated), head(z), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(s, head(zz), rtol=1e-14, atol=1e-15)
 
 
-@pytest.mark.slow  # compiles the node's kernels (seconds)
+# the blocked kernels in blocks of 4 rows (several blocks, a ragged last one) and in one
+# block; the compiled kernels (slow: they compile for seconds)
+KERNELS = [pytest.param("blocked", 4, id="blocked-4-rows"), pytest.param("blocked", 2048, id="blocked-one-block"),
+           pytest.param("compiled", None, id="compiled", marks=pytest.mark.slow)]
+
+
+@contextlib.contextmanager
+def kernels(kind, rows, monkeypatch):
+    """The node's kernels of ``kind``, blocks of ``rows`` rows for the blocked ones."""
+    torch._dynamo.reset()
+    if rows is not None:
+        monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", rows)
+    with compiled_closed_form(kind == "compiled"):
+        yield
+
+
+@pytest.mark.parametrize("kind, rows", KERNELS)
 @pytest.mark.parametrize("loss, centered, bias, n", [
     ("bce", True, True, 13), ("bce", True, True, 150),  # 150 rows: groups of 64 and a remainder
-    ("ce", False, True, 13), ("ce", True, False, 200)])
-def test_values_and_gradients_match_an_autograd_loop(head_problem, loss, centered, bias, n):
-    torch._dynamo.reset()
+    ("bce", False, False, 13), ("ce", False, True, 13), ("ce", True, False, 200)])
+def test_values_and_gradients_match_an_autograd_loop(head_problem, monkeypatch, kind, rows, loss, centered,
+                                                     bias, n):
     featurizer, head, x, y = head_problem(loss, n=n, bias=bias)
     z = featurizer(x)
     params = list(featurizer.parameters()) + list(head.parameters())
-    with compiled_closed_form():
+    with kernels(kind, rows, monkeypatch):
         assert takes_fused_path(head, z)
         scores, got = linear_head_with_variances(head, z, y, loss, centered=centered)
         weights = {k: torch.randn_like(v) for k, v in got.items()}
@@ -90,9 +115,8 @@ def test_values_and_gradients_match_an_autograd_loop(head_problem, loss, centere
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.slow
-def test_second_derivatives_match_an_autograd_loop(head_problem):
-    torch._dynamo.reset()
+@pytest.mark.parametrize("kind, rows", KERNELS)
+def test_second_derivatives_match_an_autograd_loop(head_problem, monkeypatch, kind, rows):
     featurizer, head, x, y = head_problem("bce")
     z = featurizer(x)
     weights = {"weight": torch.randn(1, 5, dtype=torch.float64), "bias": torch.randn(1, dtype=torch.float64)}
@@ -102,7 +126,7 @@ def test_second_derivatives_match_an_autograd_loop(head_problem):
                                         retain_graph=True)
         return torch.autograd.grad(grad_z.pow(2).sum(), list(head.parameters()))
 
-    with compiled_closed_form():
+    with kernels(kind, rows, monkeypatch):
         got = curvature(*linear_head_with_variances(head, z, y))
     want = curvature(head(z), reference(head, z, y, "bce", True))
     for a, b in zip(got, want):

@@ -32,6 +32,24 @@ def test_values_and_gradients_match_an_autograd_loop(head_problem, monkeypatch, 
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_one_pass_variance_keeps_float32_digits_when_blocks_differ(monkeypatch):
+    """Rows sorted so that every block of 64 has another mean, around a large common value:
+    pooling the blocks' means and squared deviations keeps float32's digits, where
+    mean(g^2) - mean(g)^2 over the same float32 numbers loses two more."""
+    monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", 64)
+    torch.manual_seed(2)
+    n, d = 640, 7
+    z = 1000 + torch.randn(n, d, dtype=torch.float64) + torch.linspace(0, 20, n, dtype=torch.float64)[:, None]
+    r = 1 + 0.1 * torch.rand(n, 1, dtype=torch.float64)
+    g = r * z  # per-sample weight gradients, written out in float64
+    want = (g - g.mean(dim=0)).pow(2).mean(dim=0)
+    got = _WeightVariance.apply(r.float(), z.float(), True).double().squeeze(0)
+    assert ((got - want).abs() / want).max() < 1e-5
+    g32 = r.float() * z.float()
+    naive = (g32.pow(2).mean(dim=0) - g32.mean(dim=0).pow(2)).double()
+    assert ((naive - want).abs() / want).max() > 1e-4  # the case is a hard one
+
+
 def test_weight_variance_passes_gradcheck_and_gradgradcheck(monkeypatch):
     monkeypatch.setattr(blocked, "ROWS_PER_BLOCK", 4)
     torch.manual_seed(1)

@@ -189,8 +189,8 @@ def training_batches(model: MLP, objective: Objective, domains: Sequence[tuple[t
                      ) -> tuple[list[DomainBatch], torch.Tensor | None]:
     """The step's batches for ``(images, labels)`` of each domain, and Fishr's penalty (None for
     the other objectives, whose penalty the loop computes after the risks). Fishr applies the
-    head itself (the same values; inside ``fishr_lite.compiled_variance.compiled_closed_form()``,
-    one autograd node per domain)."""
+    head itself, with its variances in one autograd node per domain (``fishr_lite.fused_head``:
+    the same values up to float rounding)."""
     if isinstance(objective, FishrObjective):
         features = [model.features(x) for x, _ in domains]
         logits, penalty = objective.logits_and_penalty(features, [y for _, y in domains])
