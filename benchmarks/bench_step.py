@@ -297,7 +297,7 @@ def bench_mlp(n_per_domain: int, repeats: int, gemm_size: int, device: str = "cp
         "erm_plain_layers_over_erm": medians["erm_plain_layers"] / medians["erm"],
         "erm_plain_layers_over_erm_per_round": per_round_spread(times, ["erm_plain_layers"])["erm_plain_layers"],
         # the closed form's extra time in the step, and the node of head and variances timed
-        # alone against the head alone (make_closed_form_parts; records before 2026-12-06, 22:00
+        # alone against the head alone (make_closed_form_parts; records before 2026-12-06, 21:00
         # have "closed_form_parts" instead: the penalty alone, eager, then the addition of its
         # feature gradient to the head's)
         "closed_form_node_parts": closed_form_parts(medians),
