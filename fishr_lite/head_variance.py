@@ -15,10 +15,10 @@ This is what ``engine="closed_form"`` uses inside :class:`fishr_lite.training.Fi
 (n, C, d) per-sample gradients of ``closed_form_grads`` are only ever formed one row block at
 a time, in one reused buffer, and on a CPU the blocks fit in cache: the forward reads the
 features once (m and v^W pooled from each block's mean and squared deviations, see
-:class:`_Moments`), the backward once more, and it allocates one (n, d) tensor (a GPU takes
+``_Moments``), the backward once more, and it allocates one (n, d) tensor (a GPU takes
 up to 2^24 numbers per block: ``fishr_lite.blocked.rows_per_block``). The result equals
 ``domain_variances(closed_form_grads(...))`` (tested in float64, values and gradients).
-:func:`blocked_head_forward` and :func:`blocked_head_backward` add the head's scores and
+``blocked_head_forward`` and ``blocked_head_backward`` add the head's scores and
 gradients to the same passes, for ``fishr_lite.fused_head``. Inside
 ``with fishr_lite.compiled_variance.compiled_closed_form():`` the forward and the backward run
 as kernels fused by ``torch.compile`` instead (opt-in).
