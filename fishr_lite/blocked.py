@@ -60,6 +60,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def same_float_kind(*tensors: Tensor) -> bool:
+    """True if the tensors are all float32 or all float64, on one device: what the fused and
+    compiled kernels take (``fishr_lite.fused_head``, ``fishr_lite.compiled_variance``)."""
+    first = tensors[0]
+    return first.dtype in (torch.float32, torch.float64) and all(
+        t.dtype == first.dtype and t.device == first.device for t in tensors)
+
+
 def under_torch_func(tensor: Tensor) -> bool:
     """True if ``tensor`` is wrapped by a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(tensor))

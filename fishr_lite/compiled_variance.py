@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from fishr_lite.blocked import same_float_kind
 from fishr_lite.grads import residual_vjp, score_residuals
 from fishr_lite.switches import Switch
 
@@ -98,9 +99,7 @@ def takes_compiled_path(*tensors: Tensor) -> bool:
     """Whether the compiled kernels take these tensors (``fishr_lite.head_variance``: the
     residuals and the features; ``fishr_lite.fused_head``: the features and the head's
     weight): switched on, and all float32 or all float64 on one device."""
-    first = tensors[0]
-    return (COMPILED.on and first.dtype in (torch.float32, torch.float64)
-            and all(t.dtype == first.dtype and t.device == first.device for t in tensors))
+    return COMPILED.on and same_float_kind(*tensors)
 
 
 def compiled(name: str) -> Callable:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fishr_lite.compiled_variance as compiled_variance
-from fishr_lite.blocked import under_torch_func
+from fishr_lite.blocked import same_float_kind, under_torch_func
 from fishr_lite.grads import score_residuals
 from fishr_lite.head_variance import (bias_variance, blocked_head_backward, blocked_head_forward,
                                      linear_head_variances)
@@ -90,8 +90,7 @@ def _plain_gradients(features: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def takes_fused_path(head: nn.Module, features: Tensor) -> bool:
     """Whether :func:`linear_head_with_variances` computes the head inside the fused node."""
-    return (FUSED.on and type(head) is nn.Linear and features.dtype in (torch.float32, torch.float64)
-            and head.weight.dtype == features.dtype and head.weight.device == features.device
+    return (FUSED.on and type(head) is nn.Linear and same_float_kind(features, head.weight)
             and not torch.is_autocast_enabled(features.device.type) and not under_torch_func(features)
             and not (head._forward_hooks or head._forward_pre_hooks))
 

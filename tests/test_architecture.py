@@ -12,7 +12,7 @@ ALLOWED = {
     "grads": set(),
     "blocked": set(),
     "switches": set(),
-    "compiled_variance": {"grads", "switches"},
+    "compiled_variance": {"grads", "blocked", "switches"},
     "head_variance": {"grads", "blocked", "compiled_variance"},
     "fused_head": {"grads", "blocked", "compiled_variance", "head_variance", "switches"},
     "penalty": {"grads", "head_variance", "fused_head", "blocked"},
