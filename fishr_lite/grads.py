@@ -70,6 +70,23 @@ def bce_targets(targets: Tensor, logits: Tensor) -> Tensor:
     return targets.reshape(logits.shape).to(logits.dtype)
 
 
+def ce_targets(targets: Tensor, logits: Tensor) -> Tensor:
+    """Integer class indices ``targets`` (n,) for (n, C) logits with C >= 2 (one logit has a
+    constant softmax: zero loss, zero gradients, zero penalty, without a word)."""
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"loss 'ce' needs (n, C) logits with C >= 2 classes, got shape {tuple(logits.shape)}: "
+            "the softmax of one logit is always 1, so its loss and gradients are zero; for a "
+            "binary head with one output use loss 'bce'."
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.numel() != logits.shape[0]:
+        raise ValueError(
+            f"ce targets of dtype {targets.dtype} and shape {tuple(targets.shape)} for logits of shape "
+            f"{tuple(logits.shape)}; pass one integer class index per sample (torch.long)."
+        )
+    return targets.reshape(logits.shape[0])
+
+
 def summed_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
     """Sum over samples (and outputs) of the per-sample loss.
 
@@ -80,7 +97,7 @@ def summed_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
     if loss == "bce":
         return F.binary_cross_entropy_with_logits(logits, bce_targets(targets, logits), reduction="sum")
     if loss == "ce":
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return F.cross_entropy(logits, ce_targets(targets, logits), reduction="sum")
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
 
 
@@ -134,7 +151,8 @@ def score_residuals(scores: Tensor, targets: Tensor, loss: str, out: Optional[Te
             return torch.sigmoid(scores) - bce_targets(targets, scores)
         return torch.sigmoid(scores, out=out).sub_(bce_targets(targets, scores))
     if loss == "ce":
-        residual = torch.softmax(scores, dim=1) - F.one_hot(targets, scores.shape[1]).to(scores.dtype)
+        classes = F.one_hot(ce_targets(targets, scores), scores.shape[1]).to(scores.dtype)
+        residual = torch.softmax(scores, dim=1) - classes
         return residual if out is None else out.copy_(residual)
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}.")
 

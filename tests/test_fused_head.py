@@ -161,3 +161,11 @@ def test_a_training_step_through_logits_and_penalty_matches_an_autograd_loop(hea
     torch.testing.assert_close(penalty, want_penalty, rtol=1e-10, atol=1e-15)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cross_entropy_on_one_output_is_refused(fused):
+    """With one output the softmax is constant: the penalty would be zero without a word."""
+    head, z = nn.Linear(3, 1), torch.randn(8, 3)
+    with fuse_head_and_variances(fused), pytest.raises(ValueError, match="use loss 'bce'"):
+        FishrPenalty(head, loss="ce").penalty([z[:4], z[4:]], [torch.zeros(4, dtype=torch.long)] * 2)

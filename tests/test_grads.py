@@ -153,3 +153,15 @@ def test_mismatched_targets_raise(head_problem):
     featurizer, head, x, y = head_problem("bce")
     with pytest.raises(ValueError, match="targets"):
         per_sample_grads(head, featurizer(x), y[:-1])
+
+
+@pytest.mark.parametrize("engine", ["closed_form", "backpack", "torch.func"])
+def test_cross_entropy_needs_two_classes_and_class_indices(engine):
+    """One output under softmax has zero loss and zero gradients: every engine refuses it
+    (and float targets) instead of returning an all-zero penalty."""
+    torch.manual_seed(0)
+    z = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="C >= 2 classes.*use loss 'bce'"):
+        per_sample_grads(nn.Linear(3, 1), z, torch.zeros(6, dtype=torch.long), loss="ce", engine=engine)
+    with pytest.raises(ValueError, match="integer class index"):
+        per_sample_grads(nn.Linear(3, 2), z, torch.zeros(6), loss="ce", engine=engine)
