@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 import fishr_lite.compiled_variance as compiled_variance
 from fishr_lite.blocked import same_float_kind, under_torch_func
-from fishr_lite.grads import score_residuals
+from fishr_lite.grads import check_closed_form_inputs, score_residuals
 from fishr_lite.head_variance import (bias_variance, blocked_head_backward, blocked_head_forward,
                                      linear_head_variances)
 from fishr_lite.switches import Switch
@@ -107,6 +107,7 @@ def linear_head_with_variances(
     """``(head(features), {"weight": v^W, "bias": v^b})`` for one domain: the scores (n, C)
     and the variances of ``fishr_lite.head_variance.linear_head_variances``, in one node where
     :func:`takes_fused_path` (see the module docstring), else computed one after the other."""
+    check_closed_form_inputs(head, features)
     if not takes_fused_path(head, features):
         scores = head(features)
         return scores, linear_head_variances(head, features, targets, loss, centered=centered, logits=scores)

@@ -168,6 +168,21 @@ def residual_vjp(scores: Tensor, grad_residual: Tensor, loss: str) -> Tensor:
     return p * (grad_residual - (p * grad_residual).sum(dim=1, keepdim=True))
 
 
+def check_closed_form_inputs(head: nn.Module, features: Tensor) -> None:
+    """The closed form's inputs: an ``nn.Linear`` head and (n, d) features, one row per sample."""
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"engine 'closed_form' needs an nn.Linear head, got {type(head).__name__}; "
+            "use engine='backpack' or engine='torch.func' for other heads."
+        )
+    if features.dim() != 2:
+        raise ValueError(
+            f"engine 'closed_form' needs (n, d) features, one row per sample, got shape {tuple(features.shape)}; "
+            "reshape them to (n, d), or use engine='torch.func', which differentiates a head "
+            "applied to any input shape."
+        )
+
+
 @register_engine("closed_form")
 def closed_form_grads(
     head: nn.Module, features: Tensor, targets: Tensor, loss: str, logits: Optional[Tensor] = None
@@ -179,11 +194,7 @@ def closed_form_grads(
 
         dl_i/dW = r_i z_i^T   (n, C, d)        dl_i/db = r_i   (n, C)
     """
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"engine 'closed_form' needs an nn.Linear head, got {type(head).__name__}; "
-            "use engine='backpack' or engine='torch.func' for other heads."
-        )
+    check_closed_form_inputs(head, features)
     residual = head_residuals(head, features, targets, loss, logits)
     if residual.shape[1] == 1:  # one output: (n, 1) * (n, d) avoids a size-1 reduction in backward
         grads = {"weight": (residual * features).unsqueeze(1)}

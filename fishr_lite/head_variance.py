@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import fishr_lite.compiled_variance as compiled_variance
 from fishr_lite.blocked import accumulation_dtype, block_buffer, refuse_torch_func, row_blocks
-from fishr_lite.grads import head_residuals, residual_vjp, score_residuals
+from fishr_lite.grads import check_closed_form_inputs, head_residuals, residual_vjp, score_residuals
 
 
 class _WeightVariance(torch.autograd.Function):
@@ -245,11 +245,7 @@ def linear_head_variances(
     Same values and gradients as ``domain_variances([closed_form_grads(head, features,
     targets, loss, logits)], centered=centered)[0]``, for an ``nn.Linear`` head.
     """
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"linear_head_variances needs an nn.Linear head, got {type(head).__name__}; "
-            "use fishr_lite.grads.per_sample_grads with engine='backpack' or 'torch.func'."
-        )
+    check_closed_form_inputs(head, features)
     refuse_torch_func(features, "linear_head_variances")
     residual = head_residuals(head, features, targets, loss, logits)
     variances = {"weight": _WeightVariance.apply(residual, features, centered)}

@@ -169,3 +169,19 @@ def test_cross_entropy_on_one_output_is_refused(fused):
     head, z = nn.Linear(3, 1), torch.randn(8, 3)
     with fuse_head_and_variances(fused), pytest.raises(ValueError, match="use loss 'bce'"):
         FishrPenalty(head, loss="ce").penalty([z[:4], z[4:]], [torch.zeros(4, dtype=torch.long)] * 2)
+
+
+def test_closed_form_refuses_features_that_are_not_one_row_per_sample():
+    """A Linear head on (n, k, d) features sums k terms per sample, which the closed form
+    does not model: each entry point says so instead of failing inside a kernel."""
+    from fishr_lite.grads import per_sample_grads
+    from fishr_lite.head_variance import linear_head_variances
+
+    head, z, y = nn.Linear(3, 1), torch.randn(4, 2, 3), torch.zeros(4)
+    calls = [lambda: linear_head_with_variances(head, z, y),
+             lambda: linear_head_variances(head, z, y),
+             lambda: per_sample_grads(head, z, y, engine="closed_form"),
+             lambda: FishrPenalty(head).penalty([z, z], [y, y])]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"needs \(n, d\) features.*got shape \(4, 2, 3\)"):
+            call()
