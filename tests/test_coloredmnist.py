@@ -257,6 +257,8 @@ def test_bad_input_is_refused():
         cm.make_configs("erm", profile="fast")
     with pytest.raises(ValueError, match="restarts"):
         cm.make_configs("erm", profile="quick", restarts=0)
+    with pytest.raises(ValueError, match="hidden_dim=0 must be >= 1"):
+        cm.make_configs("erm", profile="quick", hidden_dim=0)
     with pytest.raises(ValueError, match="experiment"):
         cm.as_cache(ResultsCache("domainbed"))
 

@@ -104,6 +104,8 @@ class Config:
             )
         if self.restart < 0:
             raise ValueError(f"restart={self.restart} must be >= 0 (it seeds the run)")
+        if self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be >= 1 (390 in the paper)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
