@@ -32,8 +32,10 @@ def sweep_dir(tmp_path_factory):
 @pytest.mark.parametrize("flags, message", [
     (["--task", "domain_adaptation"], "not implemented"),
     (["--uda_holdout_fraction", "0.1"], "domain adaptation"),
+    (["--hparams", '{"lr": '], "is not valid JSON"),
+    (["--hparams", "[0.001]"], "JSON but not an object"),
 ])
-def test_train_rejects_what_it_does_not_implement(tmp_path, capsys, flags, message):
+def test_train_rejects_what_it_cannot_run(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         train.main(["--output_dir", str(tmp_path / "run"), *flags])
     assert message in capsys.readouterr().err

@@ -126,6 +126,15 @@ def check_args(args: dict[str, Any]) -> None:
     if args.get("uda_holdout_fraction") not in (None, 0, 0.0):
         raise ValueError("uda_holdout_fraction is for domain adaptation, which fishr_lite does not "
                          "implement; leave it at 0.")
+    if args.get("hparams"):
+        try:
+            overrides = json.loads(args["hparams"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"hparams={args['hparams']!r} is not valid JSON ({error}); pass an "
+                             """object such as '{"lr": 0.0001, "lambda": 1000}'.""") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"hparams={args['hparams']!r} is JSON but not an object; pass one such "
+                             """as '{"lr": 0.0001}' (names as in fishr_lite.domainbed.hparams).""")
 
 
 def _save_model(path: Path, args: dict, algorithm: torch.nn.Module, dataset: Any, hparams: dict) -> None:
