@@ -130,3 +130,12 @@ def test_sweep_command_line_through_submitit(tmp_path):
     assert len(launched) == 3 and all(j.state == DONE for j in launched)
     assert (tmp_path / "s" / ".submitit").is_dir()
     assert len(build_report(tmp_path / "s").sweep.records) == 6  # 3 runs x checkpoints 0 and 1
+
+
+def test_sweep_refuses_hparams_that_are_not_a_json_object(tmp_path, capsys):
+    for text, message in [('{"lr": ', "is not valid JSON"), ("[0.001]", "JSON but not an object")]:
+        with pytest.raises(SystemExit):  # the last --hparams wins over the one in TINY
+            sweep.main(["launch", *sweep_args(tmp_path / "out", "--command_launcher", "local",
+                                              "--hparams", text)])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ The algorithms are those of :mod:`.algorithms`.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import numpy as np
@@ -92,3 +93,17 @@ def run_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: int
     if hparams_seed == 0:
         return default_hparams(algorithm, dataset)
     return random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """The ``--hparams`` JSON of DomainBed's commands as a dict, or a ValueError that shows the
+    expected form."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"hparams={text!r} is not valid JSON ({error}); pass an object such as "
+                         """'{"lr": 0.0001, "lambda": 1000}'.""") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"hparams={text!r} is JSON but not an object; pass one such as "
+                         """'{"lr": 0.0001}' (names as in fishr_lite.domainbed.hparams).""")
+    return overrides

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from .algorithms import ALGORITHM_CLASSES
+from .hparams import parse_overrides
 from .names import DATASET_ENVIRONMENTS
 from .splits import seed_hash
 from .train import is_running, train
@@ -219,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Job]:
                          n_trials=args.n_trials, steps=args.steps,
                          holdout_fraction=args.holdout_fraction,
                          single_test_envs=args.single_test_envs,
-                         hparams=json.loads(args.hparams) if args.hparams else None, **options)
+                         hparams=parse_overrides(args.hparams) if args.hparams else None, **options)
     except ValueError as error:
         parser.error(str(error))
     for job in jobs:

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorD
 
 from .algorithms import get_algorithm_class
 from .datasets import get_dataset
-from .hparams import run_hparams
+from .hparams import parse_overrides, run_hparams
 from .splits import in_out_splits
 
 DEFAULT_ARGS: dict[str, Any] = {
@@ -127,14 +127,7 @@ def check_args(args: dict[str, Any]) -> None:
         raise ValueError("uda_holdout_fraction is for domain adaptation, which fishr_lite does not "
                          "implement; leave it at 0.")
     if args.get("hparams"):
-        try:
-            overrides = json.loads(args["hparams"])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"hparams={args['hparams']!r} is not valid JSON ({error}); pass an "
-                             """object such as '{"lr": 0.0001, "lambda": 1000}'.""") from None
-        if not isinstance(overrides, dict):
-            raise ValueError(f"hparams={args['hparams']!r} is JSON but not an object; pass one such "
-                             """as '{"lr": 0.0001}' (names as in fishr_lite.domainbed.hparams).""")
+        parse_overrides(args["hparams"])
 
 
 def _save_model(path: Path, args: dict, algorithm: torch.nn.Module, dataset: Any, hparams: dict) -> None:
@@ -206,7 +199,7 @@ def _train(args: dict[str, Any], out: Path) -> None:
 
     hparams = run_hparams(args["algorithm"], args["dataset"], args["hparams_seed"], args["trial_seed"])
     if args["hparams"]:
-        hparams.update(json.loads(args["hparams"]))
+        hparams.update(parse_overrides(args["hparams"]))
     random.seed(args["seed"])
     np.random.seed(args["seed"] % 2**32)
     torch.manual_seed(args["seed"])
