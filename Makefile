@@ -6,13 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test prerequisites unit notebooks book-strict site-check colab-path pdf bench clean help execute
+.PHONY: book test prerequisites unit unit-torch notebooks book-strict site-check colab-path pdf bench clean help execute
 help:
 	@echo "make book   - build the HTML book into _build/html (stored outputs, no re-execution)"
 	@echo "make test   - unit tests, nbval over every chapter (quick profile), strict book build,"
 	@echo "              site check in headless chromium, Colab-path test (checks chromium, npm"
 	@echo "              and g++ first: installs them as root with apt, else prints the command)"
 	@echo "make unit   - the unit tests alone; FAST=1 skips the slow ones (pytest -m 'not slow')"
+	@echo "make unit-torch TORCH=2.2.2 - the unit tests under another torch release, in .venv-torch2.2.2"
 	@echo "make site-check - strict build, then every page rendered in Debian's chromium: images,"
 	@echo "              internal links and math checked, screenshots in _build/screenshots"
 	@echo "make colab-path - a chapter's setup cell run as on Colab, in a fresh virtual environment"
@@ -38,6 +39,20 @@ book: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(if $(FAST),-m "not slow")
+
+# The unit tests under another torch release (PyPI's build, with CUDA: a few GB), the other
+# packages at their locked versions; EXTRA overrides some, e.g. torch 2.2 needs NumPy 1:
+#   make unit-torch TORCH=2.2.2 EXTRA="numpy==1.26.4 pandas==2.2.3"
+TORCH_VENV := .venv-torch$(TORCH)
+unit-torch:
+	@test -n "$(TORCH)" || { echo 'usage: make unit-torch TORCH=2.2.2 [EXTRA="numpy==1.26.4 pandas==2.2.3"]'; exit 2; }
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	grep -v '^torch==' requirements.lock > $(TORCH_VENV)/lock-without-torch.txt
+	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==$(TORCH)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r $(TORCH_VENV)/lock-without-torch.txt
+	$(if $(EXTRA),$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(EXTRA))
+	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(TORCH_VENV)/bin/python -m pytest tests -q -p no:cacheprovider
 
 notebooks: $(STAMP)
 	FISHR_PROFILE=quick $(BIN)/python tests/run_notebooks.py

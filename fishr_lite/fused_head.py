@@ -91,8 +91,16 @@ def _plain_gradients(features: Tensor, weight: Tensor, bias: Optional[Tensor], t
 def takes_fused_path(head: nn.Module, features: Tensor) -> bool:
     """Whether :func:`linear_head_with_variances` computes the head inside the fused node."""
     return (FUSED.on and type(head) is nn.Linear and same_float_kind(features, head.weight)
-            and not torch.is_autocast_enabled(features.device.type) and not under_torch_func(features)
+            and not _autocast_enabled(features.device.type) and not under_torch_func(features)
             and not (head._forward_hooks or head._forward_pre_hooks))
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (torch < 2.4 has no argument here)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch 2.2, 2.3
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def fuse_head_and_variances(enabled: bool) -> contextlib.AbstractContextManager:

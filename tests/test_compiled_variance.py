@@ -49,7 +49,12 @@ def test_a_kernel_that_cannot_be_built_says_what_to_do(head_problem, monkeypatch
     from torch._dynamo.exc import BackendCompilerFailed
 
     def cannot_build(*args):
-        raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler found"), None)
+        inner = RuntimeError("no C++ compiler found")
+        try:
+            failure = BackendCompilerFailed(lambda: None, inner, None)
+        except TypeError:  # older torch (2.2) takes no first_useful_frame
+            failure = BackendCompilerFailed(lambda: None, inner)
+        raise failure
 
     monkeypatch.setattr(compiled_variance, "compiled", lambda name: cannot_build)
     featurizer, head, x, y = head_problem("bce")
