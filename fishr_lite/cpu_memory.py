@@ -13,13 +13,11 @@ reuses them. The arithmetic is unchanged (same values, same alignment), and the 
 keeps its peak memory instead of returning it between steps. It is a setting of the whole
 process, like ``torch.set_num_threads``: call it once, before training.
 
-The heap settles after a few allocations: PyTorch asks for 64-byte-aligned blocks
-(``posix_memalign``), which leaves a small remainder beside each block, and while glibc keeps
-such remainders in its per-thread cache a freed block cannot merge with its neighbours, so a
-block of the same size may come from fresh pages again. On this machine, allocating and
-freeing a 39 MB tensor in a loop, the last one faulted in was at most the sixth after the
-call with torch 2.13 and the tenth with torch 2.2 and 2.4 (``minor_page_faults`` shows it);
-after that every one reused freed memory, and the heap had grown by at most six blocks.
+The heap settles after a few allocations: until then glibc may place the next block of the
+same size above the one just freed, on fresh pages. On this machine, allocating and freeing
+a 39 MB tensor in a loop, the last one faulted in was at most the sixth after the call with
+torch 2.13 and the tenth with torch 2.2 and 2.4 (``minor_page_faults`` shows it); after that
+every one reused freed memory, and the heap had grown by at most six blocks.
 
 The same effect without code: ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=
 2147483647`` in the environment before Python starts.
