@@ -13,7 +13,7 @@ help:
 	@echo "              site check in headless chromium, Colab-path test (checks chromium, npm"
 	@echo "              and g++ first: installs them as root with apt, else prints the command)"
 	@echo "make unit   - the unit tests alone; FAST=1 skips the slow ones (pytest -m 'not slow')"
-	@echo "make unit-torch TORCH=2.2.2 - the unit tests under another torch release, in .venv-torch2.2.2"
+	@echo "make unit-torch TORCH=2.2.2 - the unit tests under another torch release, in .cache/venv-torch2.2.2"
 	@echo "make site-check - strict build, then every page rendered in Debian's chromium: images,"
 	@echo "              internal links and math checked, screenshots in _build/screenshots"
 	@echo "make colab-path - a chapter's setup cell run as on Colab, in a fresh virtual environment"
@@ -43,7 +43,7 @@ unit: $(STAMP)
 # The unit tests under another torch release (PyPI's build, with CUDA: a few GB), the other
 # packages at their locked versions; EXTRA overrides some, e.g. torch 2.2 needs NumPy 1:
 #   make unit-torch TORCH=2.2.2 EXTRA="numpy==1.26.4 pandas==2.2.3"
-TORCH_VENV := .venv-torch$(TORCH)
+TORCH_VENV := .cache/venv-torch$(TORCH)
 unit-torch:
 	@test -n "$(TORCH)" || { echo 'usage: make unit-torch TORCH=2.2.2 [EXTRA="numpy==1.26.4 pandas==2.2.3"]'; exit 2; }
 	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
