@@ -115,10 +115,10 @@ def linear_head_with_variances(
     """``(head(features), {"weight": v^W, "bias": v^b})`` for one domain: the scores (n, C)
     and the variances of ``fishr_lite.head_variance.linear_head_variances``, in one node where
     :func:`takes_fused_path` (see the module docstring), else computed one after the other."""
-    check_closed_form_inputs(head, features)
-    if not takes_fused_path(head, features):
+    if not takes_fused_path(head, features):  # linear_head_variances checks the inputs
         scores = head(features)
         return scores, linear_head_variances(head, features, targets, loss, centered=centered, logits=scores)
+    check_closed_form_inputs(head, features)
     scores, residual, variance = _HeadWithVariance.apply(features, head.weight, head.bias, targets, loss, centered)
     variances = {"weight": variance}
     if head.bias is not None:
