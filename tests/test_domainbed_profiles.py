@@ -65,3 +65,6 @@ def test_step_times_record_has_positive_times_and_provenance(tmp_path):
     assert {"device", "torch", "cpu_count", "torch_threads", "date"} <= set(record["machine"])
     with pytest.raises(ValueError, match="n_steps"):
         measure_step_times(n_steps=0)
+    with pytest.raises(SystemExit):  # the --hparams of train and sweep: a JSON object
+        timing_main(["--hparams", "[8]", "--out", str(tmp_path / "never.json")])
+    assert not (tmp_path / "never.json").exists()

@@ -27,7 +27,7 @@ import torch
 
 from .algorithms import get_algorithm_class
 from .datasets import get_dataset
-from .hparams import default_hparams
+from .hparams import default_hparams, parse_overrides
 
 
 def _git_commit() -> Optional[str]:
@@ -121,9 +121,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--hparams", default=None, help="JSON overrides, e.g. '{\"resnet18\": true}'")
     parser.add_argument("--out", default=None, help="write the JSON record here")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.hparams) if args.hparams else None
+    except ValueError as error:
+        parser.error(str(error))
     result = measure_step_times(args.dataset, args.algorithms, args.batch_size, args.n_steps,
-                                args.warmup, json.loads(args.hparams) if args.hparams else None,
-                                data_dir=args.data_dir)
+                                args.warmup, overrides, data_dir=args.data_dir)
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.out:
