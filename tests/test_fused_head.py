@@ -165,10 +165,16 @@ def test_a_training_step_through_logits_and_penalty_matches_an_autograd_loop(hea
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_cross_entropy_on_one_output_is_refused(fused):
-    """With one output the softmax is constant: the penalty would be zero without a word."""
+    """With one output the softmax is constant: the penalty would be zero without a word.
+    ``logits_and_penalty`` takes the node (fused) or the head then the variances."""
     head, z = nn.Linear(3, 1), torch.randn(8, 3)
-    with fuse_head_and_variances(fused), pytest.raises(ValueError, match="use loss 'bce'"):
-        FishrPenalty(head, loss="ce").penalty([z[:4], z[4:]], [torch.zeros(4, dtype=torch.long)] * 2)
+    assert takes_fused_path(head, z)
+    fishr, targets = FishrPenalty(head, loss="ce"), [torch.zeros(4, dtype=torch.long)] * 2
+    with fuse_head_and_variances(fused):
+        with pytest.raises(ValueError, match="use loss 'bce'"):
+            fishr.logits_and_penalty([z[:4], z[4:]], targets)
+        with pytest.raises(ValueError, match="use loss 'bce'"):
+            fishr.penalty([z[:4], z[4:]], targets)
 
 
 def test_closed_form_refuses_features_that_are_not_one_row_per_sample():
